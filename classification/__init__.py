@@ -1,0 +1,1 @@
+"""isnet-cxr: classification package."""
