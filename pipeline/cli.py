@@ -28,6 +28,7 @@ def data_synth(
     seed: int = typer.Option(0, help="Random seed (same seed, same files)."),
     difficulty: float = typer.Option(0.5, help="0 (obvious findings) .. 1 (subtle)."),
     workers: int = typer.Option(2, help="Worker processes."),
+    mode: str = typer.Option("phantom", help="phantom, or ct (projected from a real chest CT)."),
 ) -> None:
     """Generate the multi-site synthetic chest X-ray set (DICOM + PNG masks + manifest)."""
     from pipeline.synthetic import default_sites, make_dataset
@@ -40,6 +41,7 @@ def data_synth(
         seed=seed,
         difficulty=difficulty,
         workers=workers,
+        mode=mode,
     )
     _print_summary(manifest)
 

