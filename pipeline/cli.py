@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from classification.cli import train_app
+
 app = typer.Typer(
     help="isnet-cxr: chest X-ray classifiers that look at the lungs (ISNet on MONAI + MLflow).",
     no_args_is_help=True,
@@ -13,6 +15,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Make, check and look at datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -313,7 +313,9 @@ def _collatable(meta: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = ""
         else:
             out[key] = value
-    out["pixdim"] = out["spacing"]
+    # NIfTI-style pixdim ([1, row_mm, col_mm, 1, ...]): MONAI's spatial transforms write the new
+    # spacing into pixdim[1:3] in place, which a tuple would refuse.
+    out["pixdim"] = np.array([1.0, *out["spacing"], 1.0, 1.0, 1.0, 1.0, 1.0])
     out["filename_or_obj"] = meta.get("filename", "")
     return out
 

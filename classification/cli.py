@@ -1,0 +1,102 @@
+"""``isnet-cxr train``: train a classifier with any method from a manifest.
+
+Mount with ``app.add_typer(train_app, name="train")``; then
+``isnet-cxr train --manifest M --method isnet --backbone small_cnn --size 128 --epochs N
+--out DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from classification.methods import METHOD_NAMES
+
+train_app = typer.Typer(
+    help="Train a chest X-ray classifier (standard, isnet, segment_then_classify, rrr).",
+    pretty_exceptions_enable=False,
+)
+
+
+@train_app.callback(invoke_without_command=True)
+def train_command(
+    manifest: Path = typer.Option(..., help="Manifest CSV (image,label,site[,mask,split,...])."),
+    method: str = typer.Option("standard", help=f"One of: {', '.join(METHOD_NAMES)}."),
+    variant: str = typer.Option("selective", help="ISNet heatmaps: selective|stochastic|original."),
+    params: str = typer.Option(
+        "{}", help='Extra method parameters as JSON, e.g. \'{"P": 0.5, "warmup_epochs": 2}\'.'
+    ),
+    backbone: str = typer.Option("small_cnn", help="densenet121 | resnet18 | small_cnn."),
+    size: int = typer.Option(128, help="Network input side in pixels."),
+    epochs: int = typer.Option(10, help="Training epochs."),
+    batch_size: int = typer.Option(16, help="Batch size."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    optimizer: str = typer.Option("adam", help="adam | sgd (momentum 0.99)."),
+    seed: int = typer.Option(0, help="Random seed (same seed, same weights)."),
+    tune_constants: bool = typer.Option(
+        True, help="ISNet: tune C1/C2 on a plain network first (unless given in --params)."
+    ),
+    tune_epochs: int = typer.Option(5, help="ISNet: epochs of the plain network for tuning."),
+    augment: bool = typer.Option(True, help="Light geometric/intensity augmentation."),
+    out: Path = typer.Option(..., help="Output folder (best_model.pt, checkpoints, ...)."),
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
+) -> None:
+    """Train a classifier; prints one line per epoch and where the best model is."""
+    from classification.train import TrainConfig, load_splits, train
+
+    def fail(message: str) -> None:
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+
+    key = method.lower().replace("-", "_")
+    if key not in METHOD_NAMES:
+        fail(f"unknown method '{method}'; choose one of {', '.join(METHOD_NAMES)}")
+    try:
+        method_params = json.loads(params)
+    except json.JSONDecodeError as e:
+        fail(f"--params is not valid JSON ({e}): {params!r}")
+    if not isinstance(method_params, dict):
+        fail(f"--params must be a JSON object, got {params!r}")
+    if key == "isnet":
+        method_params.setdefault("variant", variant)
+    try:
+        splits = load_splits(manifest, seed=seed)
+    except (OSError, ValueError) as e:  # ManifestError is a ValueError
+        fail(str(e))
+    cfg = TrainConfig(
+        method=key,
+        method_params=method_params,
+        backbone=backbone,
+        size=size,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        seed=seed,
+        tune_constants=tune_constants,
+        tune_epochs=tune_epochs,
+        augment=augment,
+    )
+    typer.echo(
+        f"training {key} ({backbone}, {size}px) on {len(splits['train'])} images, validating on "
+        f"{len(splits['val'])}; classes: {', '.join(splits['classes'])}"
+    )
+    try:
+        result = train(
+            splits["train"],
+            splits["val"],
+            cfg,
+            out,
+            num_classes=len(splits["classes"]),
+            resume=resume,
+            progress=typer.echo,
+        )
+    except ValueError as e:
+        fail(str(e))
+    (out / "classes.json").write_text(json.dumps(splits["classes"]))
+    if result.constants is not None:
+        typer.echo(f"ISNet constants: C1={result.constants[0]:.4g} C2={result.constants[1]:.4g}")
+    best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
+    typer.echo(f"best val_acc {best}; model: {result.best_model}")

@@ -1,0 +1,255 @@
+"""Training objectives as small objects plugged into one training loop.
+
+Every method has a ``name``, ``needs_masks`` (whether training needs lung masks),
+``prepare_inputs(images, masks) -> images`` (what the network sees, at training AND inference) and
+``loss(model, images, labels, masks) -> MethodOutput``. ``loss`` applies ``prepare_inputs`` itself,
+so the loop passes raw batches. Shapes: images ``[B, C, H, W]`` in [0, 1], labels ``[B]`` long,
+masks ``[B, 1, H, W]`` in {0, 1} (or ``None`` for methods that do not need them).
+
+Methods:
+- :class:`Standard`: cross-entropy.
+- :class:`ISNet`: ``(1 - P) * CE + P * L_H`` with the LRP heatmap loss (Bassi et al. 2024); CE uses
+  the logits of the same forward that produced the heatmaps. Optional linear warm-up of ``P``.
+- :class:`SegmentThenClassify`: the image multiplied by the lung mask, cross-entropy.
+- :class:`RRR`: Right for the Right Reasons (Ross et al. 2017): CE + ``lam`` * sum over background
+  pixels of the squared input gradient of the summed log-softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from classification.isnet_loss import (
+    ISNetLossConfig,
+    heatmap_loss,
+    isnet_total_loss,
+    make_selector,
+)
+from classification.lrp import lrp_heatmaps
+
+__all__ = [
+    "ISNet",
+    "METHOD_NAMES",
+    "Method",
+    "MethodOutput",
+    "RRR",
+    "SegmentThenClassify",
+    "Standard",
+    "build_method",
+]
+
+
+@dataclass
+class MethodOutput:
+    """``loss``: scalar tensor to back-propagate; ``logits``: ``[B, N]`` from the training forward;
+    ``parts``: named float components for logging (e.g. ``ce``, ``heatmap``)."""
+
+    loss: Tensor
+    logits: Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Method(Protocol):
+    """The interface every training objective implements."""
+
+    name: str
+    needs_masks: bool
+
+    def prepare_inputs(self, images: Tensor, masks: Tensor | None) -> Tensor: ...
+
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, masks: Tensor | None
+    ) -> MethodOutput: ...
+
+
+def _require_masks(method: str, masks: Tensor | None, images: Tensor) -> Tensor:
+    if masks is None:
+        raise ValueError(f"method '{method}' needs lung masks; the batch has none")
+    if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
+        raise ValueError(
+            f"method '{method}': mask shape {tuple(masks.shape)} does not match images "
+            f"{tuple(images.shape)}"
+        )
+    return masks
+
+
+class Standard:
+    """Plain cross-entropy classifier."""
+
+    name = "standard"
+    needs_masks = False
+
+    def prepare_inputs(self, images: Tensor, masks: Tensor | None) -> Tensor:
+        return images
+
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, masks: Tensor | None
+    ) -> MethodOutput:
+        logits = model(self.prepare_inputs(images, masks))
+        ce = F.cross_entropy(logits, labels)
+        return MethodOutput(ce, logits, {"ce": float(ce.detach())})
+
+
+class SegmentThenClassify(Standard):
+    """Cross-entropy on the lung-masked image (``image * mask``), at training and at inference."""
+
+    name = "segment_then_classify"
+    needs_masks = True
+
+    def prepare_inputs(self, images: Tensor, masks: Tensor | None) -> Tensor:
+        masks = _require_masks(self.name, masks, images)
+        return images * masks.to(images.dtype)
+
+
+class RRR:
+    """Right for the Right Reasons: ``CE + lam * sum_bg (d sum_k log p_k / dx)^2``.
+
+    The penalty is summed over background pixels and channels of each sample and averaged over the
+    batch; the input gradient is taken with ``create_graph=True`` so the penalty trains the weights.
+    """
+
+    name = "rrr"
+    needs_masks = True
+
+    def __init__(self, lam: float = 10.0) -> None:
+        if lam < 0:
+            raise ValueError(f"RRR lam must be >= 0, got {lam}")
+        self.lam = float(lam)
+
+    def prepare_inputs(self, images: Tensor, masks: Tensor | None) -> Tensor:
+        return images
+
+    def penalty(self, model: nn.Module, images: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(penalty scalar, logits [B, N])``; the penalty keeps its graph to weights."""
+        x = images.detach().requires_grad_(True)
+        logits = model(x)
+        logp_sum = F.log_softmax(logits, dim=1).sum()
+        (grad,) = torch.autograd.grad(logp_sum, x, create_graph=True)
+        background = 1.0 - masks.to(grad.dtype)
+        pen = ((grad * background) ** 2).flatten(1).sum(dim=1).mean()
+        return pen, logits
+
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, masks: Tensor | None
+    ) -> MethodOutput:
+        masks = _require_masks(self.name, masks, images)
+        pen, logits = self.penalty(model, images, masks)
+        ce = F.cross_entropy(logits, labels)
+        total = ce + self.lam * pen
+        return MethodOutput(total, logits, {"ce": float(ce.detach()), "rrr": float(pen.detach())})
+
+
+class ISNet:
+    """ISNet: LRP heatmap loss on the background + cross-entropy, ``(1 - P) * CE + P * L_H``.
+
+    ``cfg.variant`` picks which outputs are explained: ``original`` (K = N classes), ``selective``
+    (K = 1, the lowest-logit class's softmax log-odds) or ``stochastic`` (K = 1, a random logit
+    drawn with ``generator``). ``warmup_epochs`` > 0 ramps ``P`` linearly from 0 (epoch 1) to
+    ``cfg.P`` (epoch ``warmup_epochs + 1``); the training loop reports the epoch through
+    :meth:`set_epoch`.
+    """
+
+    name = "isnet"
+    needs_masks = True
+
+    def __init__(
+        self,
+        cfg: ISNetLossConfig | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        warmup_epochs: int = 0,
+    ) -> None:
+        self.cfg = cfg if cfg is not None else ISNetLossConfig()
+        self.generator = generator
+        self.selector = make_selector(self.cfg.variant, generator=generator)
+        self.warmup_epochs = int(warmup_epochs)
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the method which (1-based) epoch is being trained (for the ``P`` warm-up)."""
+        self.epoch = int(epoch)
+
+    def with_constants(self, C1: float, C2: float) -> ISNet:
+        """A copy of this method with new foreground constants (e.g. from auto-tuning)."""
+        new = ISNet(
+            replace(self.cfg, C1=float(C1), C2=float(C2)),
+            self.generator,
+            warmup_epochs=self.warmup_epochs,
+        )
+        new.epoch = self.epoch
+        return new
+
+    @property
+    def current_P(self) -> float:
+        """``P`` for the current epoch (after warm-up: ``cfg.P``)."""
+        if self.warmup_epochs <= 0:
+            return self.cfg.P
+        return self.cfg.P * min(1.0, (self.epoch - 1) / self.warmup_epochs)
+
+    def prepare_inputs(self, images: Tensor, masks: Tensor | None) -> Tensor:
+        return images
+
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, masks: Tensor | None
+    ) -> MethodOutput:
+        masks = _require_masks(self.name, masks, images)
+        P = self.current_P
+        logits, R = lrp_heatmaps(model, images, self.selector, eps=self.cfg.eps, create_graph=True)
+        ce = F.cross_entropy(logits, labels)
+        lh = heatmap_loss(R, masks, self.cfg)
+        total = isnet_total_loss(ce, lh, P)
+        parts = {"ce": float(ce.detach()), "heatmap": float(lh.detach()), "P": P}
+        return MethodOutput(total, logits, parts)
+
+
+METHOD_NAMES = ("standard", "isnet", "segment_then_classify", "rrr")
+
+_ISNET_CFG_FIELDS = set(ISNetLossConfig.__dataclass_fields__)
+
+
+def build_method(name: str, **params: Any) -> Method:
+    """Build a method by name.
+
+    - ``standard``, ``segment_then_classify``: no parameters.
+    - ``rrr``: ``lam`` (default 10).
+    - ``isnet``: any :class:`ISNetLossConfig` field (``variant``, ``P``, ``C1``, ``C2``, ``eps``,
+      ...), plus ``seed`` (for the stochastic selector's generator) and ``warmup_epochs``.
+    """
+    key = name.lower().replace("-", "_")
+    if key == "standard":
+        _no_params(key, params)
+        return Standard()
+    if key == "segment_then_classify":
+        _no_params(key, params)
+        return SegmentThenClassify()
+    if key == "rrr":
+        unknown = set(params) - {"lam"}
+        if unknown:
+            raise ValueError(f"unknown parameter(s) for method 'rrr': {sorted(unknown)}")
+        return RRR(**params)
+    if key == "isnet":
+        params = dict(params)
+        seed = params.pop("seed", None)
+        warmup = int(params.pop("warmup_epochs", 0))
+        unknown = set(params) - _ISNET_CFG_FIELDS
+        if unknown:
+            raise ValueError(
+                f"unknown parameter(s) for method 'isnet': {sorted(unknown)}; "
+                f"known: {sorted(_ISNET_CFG_FIELDS | {'seed', 'warmup_epochs'})}"
+            )
+        gen = None
+        if seed is not None:
+            gen = torch.Generator().manual_seed(int(seed))
+        return ISNet(ISNetLossConfig(**params), gen, warmup_epochs=warmup)
+    raise ValueError(f"unknown method '{name}'; choose one of {', '.join(METHOD_NAMES)}")
+
+
+def _no_params(name: str, params: dict[str, Any]) -> None:
+    if params:
+        raise ValueError(f"method '{name}' takes no parameters, got {sorted(params)}")

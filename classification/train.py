@@ -1,0 +1,700 @@
+"""Training classifiers with any :mod:`classification.methods` objective inside MONAI engines.
+
+The loop is a MONAI :class:`~monai.engines.SupervisedTrainer` whose ``iteration_update`` is a
+:class:`MethodIteration` (method loss, gradient-norm clipping, optimizer step), so every
+MONAI/ignite handler applies, including the MLflow handler that
+``monai.bundle run --tracking mlflow`` adds.
+Validation runs each epoch in a :class:`~monai.engines.SupervisedEvaluator` (accuracy + AUROC);
+the best model is saved as a plain state dict (``best_model.pt``, load with ``weights_only=True``);
+model, optimizer and trainer state are saved each epoch so an interrupted run resumes.
+
+The same factory functions build the objects for :func:`train` (Python / CLI) and for the bundle
+config ``configs/train.json``.
+
+Files written to ``out_dir``: ``best_model.pt``, ``best_metric.json``, ``last_model.pt``,
+``checkpoints/resume_checkpoint_epoch=N.pt``, ``isnet_constants.json`` (ISNet with tuned C1/C2),
+``train_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.metrics import Accuracy
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import IterationEvents, PrepareBatch
+from monai.handlers import ROCAUC, CheckpointLoader, CheckpointSaver, ValidationHandler
+from monai.inferers import SimpleInferer
+from monai.transforms import Activationsd
+from monai.utils import CommonKeys as Keys
+from monai.utils import set_determinism
+from torch import Tensor, nn
+
+from classification.data import AugmentConfig, build_dataset, build_loader
+from classification.isnet_loss import make_selector, tune_c1_c2
+from classification.lrp import lrp_heatmaps
+from classification.methods import ISNet, Method, build_method
+from classification.models import build_backbone
+
+__all__ = [
+    "BestStateDictSaver",
+    "EpochReporter",
+    "FailRunOnError",
+    "MethodIteration",
+    "MethodPrepareBatch",
+    "ResumeCheckpointer",
+    "TrainConfig",
+    "TrainResult",
+    "accuracy_output",
+    "auroc_output",
+    "backbone_factory",
+    "latest_checkpoint",
+    "load_splits",
+    "make_evaluator",
+    "make_method",
+    "make_optimizer",
+    "make_trainer",
+    "method_needs_masks",
+    "train",
+    "tune_isnet_constants",
+    "unique_run_name",
+]
+
+logger = logging.getLogger(__name__)
+
+BEST_MODEL = "best_model.pt"
+BEST_METRIC = "best_metric.json"
+LAST_MODEL = "last_model.pt"
+CONSTANTS = "isnet_constants.json"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "resume"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (one place; the CLI and the bundle fill it).
+
+    ``method_params`` go to :func:`classification.methods.build_method`. For ``isnet`` with
+    ``tune_constants`` (default), C1/C2 come from :func:`tune_isnet_constants` run for
+    ``tune_epochs`` on a plain network, unless ``method_params`` sets them.
+    """
+
+    method: str = "standard"
+    method_params: dict[str, Any] = field(default_factory=dict)
+    backbone: str = "small_cnn"
+    size: int = 128
+    in_channels: int = 1
+    dropout: float = 0.5
+    epochs: int = 10
+    batch_size: int = 16
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.99
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    augment: bool = True
+    cache: bool = False
+    num_workers: int = 0
+    tune_constants: bool = True
+    tune_epochs: int = 5
+    device: str = "cpu"
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left its outputs and how it did."""
+
+    out_dir: Path
+    best_model: Path
+    last_model: Path
+    best_metric: float | None
+    epochs_done: int
+    constants: tuple[float, float] | None
+    history: list[dict[str, float]]
+
+
+# --------------------------------------------------------------------------- engine pieces
+
+
+def _plain(t: Any) -> Any:
+    """MetaTensor -> plain tensor (MetaTensor ops are slower and carry file metadata)."""
+    return t.as_tensor() if hasattr(t, "as_tensor") else t
+
+
+def unpack_batch(
+    batch: dict[str, Any], device: torch.device | str, non_blocking: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(images [B, C, H, W] float, labels [B] long, masks [B, 1, H, W] | None)`` on device."""
+    images = _plain(batch[Keys.IMAGE]).to(device, non_blocking=non_blocking).float()
+    labels = _plain(batch[Keys.LABEL]).to(device, non_blocking=non_blocking).long().view(-1)
+    mask = batch.get("mask")
+    masks = None if mask is None else _plain(mask).to(device, non_blocking=non_blocking).float()
+    return images, labels, masks
+
+
+class MethodPrepareBatch(PrepareBatch):
+    """Evaluator batches: ``(method.prepare_inputs(images, masks), labels)``."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+
+    def __call__(
+        self,
+        batchdata: dict[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        images, labels, masks = unpack_batch(batchdata, device or "cpu", non_blocking)
+        return self.method.prepare_inputs(images, masks), labels
+
+
+class MethodIteration:
+    """``iteration_update`` for :class:`SupervisedTrainer`: one optimisation step of ``method``.
+
+    Clips the global gradient norm to ``grad_clip`` (``<= 0``: no clipping). Stores the method's
+    loss parts in ``engine.state.method_parts``. A non-finite loss stops training with an error.
+    """
+
+    def __init__(self, method: Method, grad_clip: float = 1.0) -> None:
+        self.method = method
+        self.grad_clip = float(grad_clip)
+
+    def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Tensor]:
+        images, labels, masks = unpack_batch(batchdata, engine.state.device, engine.non_blocking)
+        engine.state.output = {Keys.IMAGE: images, Keys.LABEL: labels}
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        out = self.method.loss(engine.network, images, labels, masks)
+        engine.state.output[Keys.PRED] = out.logits
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.state.output[Keys.LOSS] = out.loss
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"method '{self.method.name}' gave a non-finite loss ({out.parts}) at epoch "
+                f"{engine.state.epoch}, iteration {engine.state.iteration}; lower the learning "
+                "rate or check the inputs"
+            )
+        out.loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip)
+        engine.optimizer.step()
+        engine.state.method_parts = dict(out.parts)
+        # same events and output as SupervisedTrainer's own iteration (decollation, handlers)
+        engine.state.output[Keys.PRED] = out.logits.detach()
+        engine.state.output[Keys.LOSS] = out.loss.detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def _loss_in_method(*_: Any) -> Tensor:
+    raise RuntimeError("the training method computes the loss (MethodIteration); this is unused")
+
+
+def accuracy_output(output: Sequence[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Decollated evaluator output -> ``(probabilities [B, N], labels [B])`` for ignite Accuracy."""
+    preds = torch.stack([o[Keys.PRED] for o in output])
+    labels = torch.stack([torch.as_tensor(o[Keys.LABEL]).view(()) for o in output]).long()
+    return preds, labels
+
+
+def auroc_output(output: Sequence[dict[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    """Decollated evaluator output -> ``(probabilities [N] each, one-hot labels [N] each)``."""
+    n = output[0][Keys.PRED].shape[0]
+    preds = [o[Keys.PRED] for o in output]
+    labels = [F.one_hot(torch.as_tensor(o[Keys.LABEL]).view(()).long(), n).float() for o in output]
+    return preds, labels
+
+
+class BestStateDictSaver:
+    """Evaluator handler: saves ``model.state_dict()`` to ``out_dir/best_model.pt`` when the key
+    metric improves (strictly); records value and epoch in ``best_metric.json``. With ``resume``,
+    the best value recorded by an earlier run is the one to beat."""
+
+    def __init__(
+        self, model: nn.Module, out_dir: str | Path, metric: str = "val_acc", resume: bool = False
+    ) -> None:
+        self.model = model
+        self.out_dir = Path(out_dir)
+        self.metric = metric
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        info = self.out_dir / BEST_METRIC
+        if resume and info.is_file() and (self.out_dir / BEST_MODEL).is_file():
+            data = json.loads(info.read_text())
+            self.best, self.best_epoch = data.get("value"), data.get("epoch")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        value = engine.state.metrics.get(self.metric)
+        if value is None or not math.isfinite(float(value)):
+            return
+        value = float(value)
+        if self.best is None or value > self.best:
+            self.best, self.best_epoch = value, int(engine.state.epoch)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(self.model.state_dict(), self.out_dir / BEST_MODEL)
+            (self.out_dir / BEST_METRIC).write_text(
+                json.dumps({"metric": self.metric, "value": value, "epoch": self.best_epoch})
+            )
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    """The resume checkpoint with the highest epoch in ``save_dir`` (or None)."""
+    best: tuple[int, Path] | None = None
+    for p in Path(save_dir).glob(f"{CHECKPOINT_PREFIX}_checkpoint_epoch=*.pt"):
+        m = re.search(r"epoch=(\d+)\.pt$", p.name)
+        if m and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), p)
+    return None if best is None else best[1]
+
+
+class ResumeCheckpointer:
+    """Trainer handler: saves model + optimizer + trainer state every epoch with MONAI's
+    ``CheckpointSaver`` (keeping the latest), and with ``resume`` loads the latest one with MONAI's
+    ``CheckpointLoader`` when the trainer starts, so the epoch counter continues."""
+
+    def __init__(
+        self, save_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, resume: bool
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.model = model
+        self.optimizer = optimizer
+        self.resume = bool(resume)
+        self.loaded_from: Path | None = None
+
+    def attach(self, engine: Engine) -> None:
+        save_dict = {"model": self.model, "optimizer": self.optimizer, "trainer": engine}
+        if self.resume:
+            path = latest_checkpoint(self.save_dir)
+            if path is None:
+                logger.warning(
+                    "resume requested but no checkpoint in %s: starting fresh", self.save_dir
+                )
+            else:
+                self.loaded_from = path
+                CheckpointLoader(load_path=str(path), load_dict=save_dict).attach(engine)
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        CheckpointSaver(
+            save_dir=str(self.save_dir),
+            save_dict=save_dict,
+            file_prefix=CHECKPOINT_PREFIX,
+            save_interval=1,
+            epoch_level=True,
+            n_saved=1,
+        ).attach(engine)
+
+
+class EpochReporter:
+    """Trainer handler: tells the method the epoch (``set_epoch``, for warm-ups), averages the loss
+    parts over the epoch into ``engine.state.metrics`` as ``train_<part>`` (so tracking handlers log
+    them), appends a row to ``history`` and passes a one-line summary to ``progress``.
+
+    Attach it after the ``ValidationHandler`` so the summary includes validation metrics.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        evaluator: Engine | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.method = method
+        self.evaluator = evaluator
+        self.progress = progress
+        self.history: list[dict[str, float]] = []
+        self._sums: dict[str, float] = {}
+        self._n = 0
+        self._t0 = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def epoch_started(self, engine: Engine) -> None:
+        set_epoch = getattr(self.method, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(engine.state.epoch)
+        self._sums, self._n, self._t0 = {}, 0, time.perf_counter()
+
+    def iteration_completed(self, engine: Engine) -> None:
+        for k, v in getattr(engine.state, "method_parts", {}).items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v)
+        self._n += 1
+
+    def epoch_completed(self, engine: Engine) -> None:
+        row: dict[str, float] = {"epoch": float(engine.state.epoch)}
+        for k, v in self._sums.items():
+            row[f"train_{k}"] = v / max(self._n, 1)
+            engine.state.metrics[f"train_{k}"] = row[f"train_{k}"]
+        if self.evaluator is not None:
+            for k, v in self.evaluator.state.metrics.items():
+                row[k] = float(v)
+        row["seconds"] = time.perf_counter() - self._t0
+        self.history.append(row)
+        if self.progress is not None:
+            text = "  ".join(
+                f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "seconds")
+            )
+            self.progress(
+                f"epoch {int(row['epoch'])}/{engine.state.max_epochs}  {text}  "
+                f"({row['seconds']:.1f}s)"
+            )
+
+
+class FailRunOnError:
+    """Trainer handler: if training raises, mark the still-``RUNNING`` MLflow run(s) named
+    ``run_name`` as ``FAILED`` (so a re-run never writes into them), then re-raise. A no-op when
+    tracking is off (no store yet)."""
+
+    def __init__(self, tracking_uri: str | None, run_name: str | None) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_name = run_name
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+
+    def _store_exists(self) -> bool:
+        uri = self.tracking_uri or ""
+        if uri.startswith("sqlite:///"):
+            return Path(uri[len("sqlite:///") :]).is_file()
+        return bool(uri)
+
+    def __call__(self, engine: Engine, exc: BaseException) -> None:
+        try:
+            if self.run_name and self._store_exists():
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(self.tracking_uri)
+                for exp in client.search_experiments():
+                    for run in client.search_runs(
+                        [exp.experiment_id],
+                        filter_string=f"attributes.run_name = '{self.run_name}' "
+                        "and attributes.status = 'RUNNING'",
+                    ):
+                        client.set_terminated(run.info.run_id, "FAILED")
+        except Exception:  # never hide the training error behind a tracking error
+            logger.exception("could not mark MLflow run %s as FAILED", self.run_name)
+        raise exc
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter],
+    name: str = "adam",
+    lr: float = 1e-3,
+    momentum: float = 0.99,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """Adam (default) or SGD with momentum (the ISNet paper's choice: momentum 0.99)."""
+    key = name.lower()
+    if key == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if key == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer '{name}'; choose 'adam' or 'sgd'")
+
+
+def tune_isnet_constants(
+    model_factory: Callable[[], nn.Module],
+    loader: Iterable[dict[str, Any]],
+    epochs: int = 5,
+    *,
+    variant: str = "selective",
+    eps: float = 0.01,
+    lr: float = 1e-3,
+    device: str | torch.device = "cpu",
+    grad_clip: float = 1.0,
+    seed: int | None = None,
+) -> tuple[float, float]:
+    """Auto C1/C2 (Faster-ISNet recipe): train a plain classifier (cross-entropy, Adam) for
+    ``epochs``; in the last epoch record each training sample's total ``sum |R|`` (heatmaps of the
+    ``variant``'s selected outputs, every explained output counted) before its step; return
+    :func:`classification.isnet_loss.tune_c1_c2` of those totals."""
+    if epochs < 1:
+        raise ValueError(f"tuning needs at least one epoch, got {epochs}")
+    model = model_factory().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    selector = make_selector(variant, generator=gen)
+    totals: list[Tensor] = []
+    for epoch in range(1, epochs + 1):
+        for batch in loader:
+            images, labels, _ = unpack_batch(batch, device)
+            model.train()
+            if epoch == epochs:
+                _, R = lrp_heatmaps(model, images, selector, eps=eps, create_graph=False)
+                totals.append(R.detach().abs().flatten(2).sum(dim=2).flatten().cpu())
+            opt.zero_grad()
+            loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            if grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+    C1, C2 = tune_c1_c2(torch.cat(totals))
+    return float(C1), float(C2)
+
+
+def make_method(
+    name: str,
+    params: dict[str, Any] | None = None,
+    *,
+    tune_constants: bool = True,
+    tune_epochs: int = 5,
+    model_factory: Callable[[], nn.Module] | None = None,
+    loader: Iterable[dict[str, Any]] | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    lr: float = 1e-3,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+) -> Method:
+    """Build the training method; for ``isnet`` with ``tune_constants`` and no explicit C1/C2,
+    tune them first (or, with ``resume``, reuse ``out_dir/isnet_constants.json``) and write them
+    to ``out_dir/isnet_constants.json``."""
+    params = dict(params or {})
+    method = build_method(name, **params)
+    if not isinstance(method, ISNet) or not tune_constants or {"C1", "C2"} & set(params):
+        return method
+    store = Path(out_dir) / CONSTANTS if out_dir is not None else None
+    if resume and store is not None and store.is_file():
+        data = json.loads(store.read_text())
+        return method.with_constants(data["C1"], data["C2"])
+    if model_factory is None or loader is None:
+        raise ValueError("tuning ISNet constants needs model_factory and loader")
+    C1, C2 = tune_isnet_constants(
+        model_factory,
+        loader,
+        tune_epochs,
+        variant=method.cfg.variant,
+        eps=method.cfg.eps,
+        lr=lr,
+        device=device,
+        seed=seed,
+    )
+    logger.info("ISNet constants tuned on a plain network: C1=%.4g C2=%.4g", C1, C2)
+    if store is not None:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps({"C1": C1, "C2": C2, "tune_epochs": tune_epochs}))
+    return method.with_constants(C1, C2)
+
+
+def make_evaluator(
+    device: str | torch.device,
+    val_data_loader: Iterable[dict[str, Any]],
+    network: nn.Module,
+    method: Method,
+    val_handlers: Sequence[Any] | None = None,
+) -> SupervisedEvaluator:
+    """Evaluator: softmax probabilities, key metric ``val_acc`` (ignite Accuracy), additional
+    ``val_auroc`` (MONAI ROCAUC, macro one-vs-rest); inputs prepared by the method."""
+    return SupervisedEvaluator(
+        device=torch.device(device),
+        val_data_loader=val_data_loader,
+        network=network,
+        prepare_batch=MethodPrepareBatch(method),
+        inferer=SimpleInferer(),
+        postprocessing=Activationsd(keys=Keys.PRED, softmax=True),
+        key_val_metric={"val_acc": Accuracy(output_transform=accuracy_output)},
+        additional_metrics={"val_auroc": ROCAUC(output_transform=auroc_output)},
+        val_handlers=list(val_handlers or []),
+    )
+
+
+def make_trainer(
+    device: str | torch.device,
+    max_epochs: int,
+    train_data_loader: Iterable[dict[str, Any]],
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: Method,
+    train_handlers: Sequence[Any] | None = None,
+    grad_clip: float = 1.0,
+    inferer: Any = None,
+) -> SupervisedTrainer:
+    """A :class:`SupervisedTrainer` whose iteration is :class:`MethodIteration`."""
+    return SupervisedTrainer(
+        device=torch.device(device),
+        max_epochs=int(max_epochs),
+        train_data_loader=train_data_loader,
+        network=network,
+        optimizer=optimizer,
+        loss_function=_loss_in_method,
+        iteration_update=MethodIteration(method, grad_clip),
+        inferer=inferer or SimpleInferer(),
+        train_handlers=list(train_handlers or []),
+    )
+
+
+def method_needs_masks(name: str, params: dict[str, Any] | None = None) -> bool:
+    """Whether method ``name`` trains with lung masks (the dataset then requires them)."""
+    return build_method(name, **dict(params or {})).needs_masks
+
+
+def backbone_factory(
+    name: str, num_classes: int, in_channels: int = 1, dropout: float = 0.5
+) -> Callable[[], nn.Module]:
+    """A zero-argument callable building a fresh backbone (for constant tuning)."""
+    return partial(build_backbone, name, num_classes, in_channels, dropout)
+
+
+def unique_run_name(method: str) -> str:
+    """``train_<method>_<YYYYmmdd-HHMMSS>_<6 hex>``: never collides with an earlier run."""
+    return f"train_{method}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}"
+
+
+def load_splits(
+    manifest: str | Path, *, val_fraction: float = 0.15, seed: int = 0
+) -> dict[str, Any]:
+    """Read a manifest: ``{"classes", "train", "val"}`` record lists (``split`` column ``train`` /
+    ``val``; rows with an empty split count as train). With no ``val`` rows, a seeded
+    ``val_fraction`` of the training patients (or images, if no patient ids) becomes validation."""
+    import numpy as np
+
+    from pipeline.manifest import class_names, load_manifest, to_records
+
+    df = load_manifest(manifest)
+    classes = class_names(df)
+    split = df["split"].fillna("").astype(str) if "split" in df.columns else None
+    if split is None:
+        train_df, val_df = df, df.iloc[0:0]
+    else:
+        train_df, val_df = df[split.isin(["train", ""])], df[split == "val"]
+    if len(train_df) == 0:
+        raise ValueError(f"manifest {manifest} has no training rows (split 'train' or empty)")
+    if len(val_df) == 0 and val_fraction > 0:
+        groups = train_df["patient_id"].astype(str) if "patient_id" in train_df else None
+        if groups is None or (groups == "").any():
+            groups = train_df["image"].astype(str)
+        uniq = np.array(sorted(set(groups)))
+        rng = np.random.default_rng(seed)
+        n_val = max(1, round(len(uniq) * val_fraction))
+        val_groups = set(rng.choice(uniq, size=n_val, replace=False).tolist())
+        is_val = groups.isin(val_groups)
+        train_df, val_df = train_df[~is_val], train_df[is_val]
+    return {
+        "classes": classes,
+        "train": to_records(train_df, classes),
+        "val": to_records(val_df, classes) if len(val_df) else [],
+    }
+
+
+# --------------------------------------------------------------------------- one call
+
+
+def train(
+    train_records: Sequence[dict[str, Any]],
+    val_records: Sequence[dict[str, Any]],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    num_classes: int,
+    resume: bool = False,
+    extra_handlers: Sequence[Any] = (),
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train ``cfg.method`` on ``train_records``, validating on ``val_records`` each epoch.
+
+    Args:
+        train_records, val_records: manifest records (``image``, ``label``, ``mask``).
+        cfg: the run's configuration.
+        out_dir: output folder (see the module docstring for its files).
+        num_classes: number of classes N (logits ``[B, N]``).
+        resume: continue from the latest checkpoint in ``out_dir/checkpoints``.
+        extra_handlers: more trainer handlers (e.g. to stop early).
+        progress: called with a one-line summary after each epoch.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_determinism(seed=cfg.seed)
+    device = torch.device(cfg.device)
+    probe = build_method(cfg.method, **cfg.method_params)
+    train_ds = build_dataset(
+        train_records,
+        cfg.size,
+        need_masks=probe.needs_masks,
+        augment=AugmentConfig() if cfg.augment else None,
+        cache=cfg.cache,
+    )
+    train_loader = build_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
+
+    model_factory = backbone_factory(cfg.backbone, num_classes, cfg.in_channels, cfg.dropout)
+
+    method = make_method(
+        cfg.method,
+        cfg.method_params,
+        tune_constants=cfg.tune_constants,
+        tune_epochs=cfg.tune_epochs,
+        model_factory=model_factory,
+        loader=train_loader,
+        out_dir=out,
+        resume=resume,
+        lr=cfg.lr,
+        device=device,
+        seed=cfg.seed,
+    )
+    network = model_factory().to(device)
+    optimizer = make_optimizer(
+        network.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay
+    )
+    evaluator = None
+    best_saver = None
+    handlers: list[Any] = []
+    if val_records:
+        val_ds = build_dataset(
+            val_records, cfg.size, need_masks=method.needs_masks, augment=None, cache=cfg.cache
+        )
+        val_loader = build_loader(
+            val_ds, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers
+        )
+        best_saver = BestStateDictSaver(network, out, "val_acc", resume=resume)
+        evaluator = make_evaluator(device, val_loader, network, method, [best_saver])
+        handlers.append(ValidationHandler(validator=evaluator, interval=1, epoch_level=True))
+    reporter = EpochReporter(method, evaluator, progress)
+    handlers.append(reporter)
+    handlers.append(ResumeCheckpointer(out / CHECKPOINT_DIR, network, optimizer, resume))
+    handlers.extend(extra_handlers)
+    (out / "train_config.json").write_text(
+        json.dumps({**asdict(cfg), "num_classes": num_classes}, indent=2, default=str)
+    )
+    trainer = make_trainer(
+        device, cfg.epochs, train_loader, network, optimizer, method, handlers, cfg.grad_clip
+    )
+    trainer.run()
+    torch.save(network.state_dict(), out / LAST_MODEL)
+    if best_saver is None:
+        torch.save(network.state_dict(), out / BEST_MODEL)
+    constants = (method.cfg.C1, method.cfg.C2) if isinstance(method, ISNet) else None
+    return TrainResult(
+        out_dir=out,
+        best_model=out / BEST_MODEL,
+        last_model=out / LAST_MODEL,
+        best_metric=None if best_saver is None else best_saver.best,
+        epochs_done=int(trainer.state.epoch),
+        constants=constants,
+        history=reporter.history,
+    )

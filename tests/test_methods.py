@@ -1,0 +1,177 @@
+"""Training objectives: losses are finite and trainable; each method's defining property holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from classification.isnet_loss import ISNetLossConfig
+from classification.lrp import lrp_heatmaps
+from classification.methods import (
+    RRR,
+    ISNet,
+    Method,
+    SegmentThenClassify,
+    Standard,
+    build_method,
+)
+from classification.models import build_backbone
+
+N_CLASSES = 3
+SIZE = 32
+
+
+def _batch(seed: int = 0, b: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiny seeded batch: images [b,1,32,32] in [0,1], labels [b], masks [b,1,32,32] (two 'lungs');
+    class k has a bright blob inside the lungs and a marker in the top-left corner."""
+    g = torch.Generator().manual_seed(seed)
+    images = 0.2 * torch.rand(b, 1, SIZE, SIZE, generator=g)
+    masks = torch.zeros(b, 1, SIZE, SIZE)
+    masks[:, :, 8:28, 4:14] = 1
+    masks[:, :, 8:28, 18:28] = 1
+    labels = torch.arange(b) % N_CLASSES
+    for i, k in enumerate(labels.tolist()):
+        images[i, 0, 10 + 5 * k : 14 + 5 * k, 6:12] += 0.6
+        images[i, 0, 0:3, 3 * k : 3 * k + 3] = 1.0
+    return images.clamp(0, 1), labels, masks
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_backbone("small_cnn", N_CLASSES, in_channels=1, dropout=0.0)
+
+
+METHODS = {
+    "standard": lambda: Standard(),
+    "segment_then_classify": lambda: SegmentThenClassify(),
+    "rrr": lambda: RRR(lam=1.0),
+    "isnet_selective": lambda: ISNet(ISNetLossConfig(variant="selective")),
+    "isnet_original": lambda: ISNet(ISNetLossConfig(variant="original")),
+    "isnet_stochastic": lambda: ISNet(
+        ISNetLossConfig(variant="stochastic"), torch.Generator().manual_seed(0)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_loss_finite_and_decreases(name: str) -> None:
+    method: Method = METHODS[name]()
+    assert isinstance(method, Method)
+    model = _model()
+    images, labels, masks = _batch()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        out = method.loss(model, images, labels, masks)
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+        assert out.logits.shape == (images.shape[0], N_CLASSES)
+        assert all(isinstance(v, float) for v in out.parts.values())
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+    assert losses[-1] < losses[0], losses
+
+
+def test_isnet_loss_combines_ce_and_heatmap_with_P() -> None:
+    method = ISNet(ISNetLossConfig(variant="selective", P=0.7))
+    images, labels, masks = _batch()
+    out = method.loss(_model(), images, labels, masks)
+    expected = 0.3 * out.parts["ce"] + 0.7 * out.parts["heatmap"]
+    assert out.parts["heatmap"] > 0
+    assert float(out.loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_isnet_warmup_ramps_P() -> None:
+    method = build_method("isnet", P=0.6, warmup_epochs=3)
+    values = []
+    for epoch in (1, 2, 3, 4, 9):
+        method.set_epoch(epoch)
+        values.append(method.current_P)
+    assert values == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.6])
+    images, labels, masks = _batch()
+    method.set_epoch(1)
+    out = method.loss(_model(), images, labels, masks)
+    assert float(out.loss) == pytest.approx(out.parts["ce"], rel=1e-6)
+
+
+@pytest.mark.parametrize(("variant", "k"), [("selective", 1), ("stochastic", 1), ("original", 3)])
+def test_isnet_variants_heatmap_count(variant: str, k: int) -> None:
+    method = build_method("isnet", variant=variant, seed=0)
+    images, _, _ = _batch()
+    logits, R = lrp_heatmaps(_model(), images, method.selector, eps=0.01)
+    assert logits.shape == (images.shape[0], N_CLASSES)
+    assert R.shape == (images.shape[0], k, 1, SIZE, SIZE)
+
+
+def test_segment_then_classify_ignores_background() -> None:
+    method = SegmentThenClassify()
+    model = _model().eval()
+    images, labels, masks = _batch()
+    changed = images.clone()
+    noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(5))
+    changed = torch.where(masks.bool(), images, noise)
+    assert not torch.equal(changed, images)
+    with torch.no_grad():
+        a = model(method.prepare_inputs(images, masks))
+        b = model(method.prepare_inputs(changed, masks))
+        plain_a, plain_b = model(images), model(changed)
+    assert torch.equal(a, b)
+    assert not torch.allclose(plain_a, plain_b)  # the plain model would see the change
+    # the same holds for the training loss
+    la = method.loss(model, images, labels, masks).loss
+    lb = method.loss(model, changed, labels, masks).loss
+    assert float(la) == float(lb)
+
+
+class _MaskedNet(nn.Module):
+    """A net that multiplies its input by a fixed mask: zero input gradient outside it."""
+
+    def __init__(self, net: nn.Module, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * self.mask)
+
+
+def test_rrr_penalty_zero_iff_no_background_gradient() -> None:
+    images, labels, masks = _batch()
+    rrr = RRR(lam=1.0)
+    blind = _MaskedNet(_model(), masks)
+    pen_blind, _ = rrr.penalty(blind, images, masks)
+    assert float(pen_blind) == 0.0
+    pen_plain, _ = rrr.penalty(_model(), images, masks)
+    assert float(pen_plain) > 0.0
+    # the penalty is differentiable w.r.t. the weights (create_graph=True)
+    model = _model()
+    pen, _ = rrr.penalty(model, images, masks)
+    grads = torch.autograd.grad(pen, [p for p in model.parameters() if p.requires_grad])
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+    # and it is exactly the squared input gradient of sum log-softmax over the background
+    x = images.clone().requires_grad_(True)
+    logp = torch.log_softmax(model(x), dim=1).sum()
+    (gx,) = torch.autograd.grad(logp, x)
+    expected = ((gx * (1 - masks)) ** 2).flatten(1).sum(1).mean()
+    assert float(pen) == pytest.approx(float(expected), rel=1e-5)
+    out = rrr.loss(model, images, labels, masks)
+    assert float(out.loss) == pytest.approx(out.parts["ce"] + out.parts["rrr"], rel=1e-5)
+
+
+def test_build_method_names_and_errors() -> None:
+    assert isinstance(build_method("standard"), Standard)
+    assert isinstance(build_method("segment-then-classify"), SegmentThenClassify)
+    assert build_method("rrr", lam=3.0).lam == 3.0
+    isnet = build_method("isnet", variant="original", P=0.5, C1=2.0)
+    assert isinstance(isnet, ISNet) and isnet.cfg.P == 0.5 and isnet.cfg.C1 == 2.0
+    with pytest.raises(ValueError, match="unknown method"):
+        build_method("gradcam")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        build_method("isnet", Q=1)
+    with pytest.raises(ValueError, match="takes no parameters"):
+        build_method("standard", lam=1)
+    images, labels, _ = _batch()
+    with pytest.raises(ValueError, match="needs lung masks"):
+        RRR().loss(_model(), images, labels, None)

@@ -1,0 +1,215 @@
+"""Training in MONAI engines: checkpoints, resume, determinism, ISNet constant tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+
+from classification.data import AugmentConfig, build_dataset, build_loader
+from classification.models import build_backbone
+from classification.train import (
+    TrainConfig,
+    latest_checkpoint,
+    load_splits,
+    train,
+    tune_isnet_constants,
+)
+
+SIZE = 32
+
+
+def make_tiny_manifest(out: Path, n: int = 12, seed: int = 0) -> Path:
+    """A real synthetic set (DICOM + PNG masks + manifest), one biased site, 32 px."""
+    from pipeline.synthetic import default_sites, make_dataset
+
+    return make_dataset(
+        out, default_sites()[:1], n_per_site=n, size=SIZE, seed=seed, workers=1, progress=False
+    )
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory) -> dict:
+    manifest = make_tiny_manifest(tmp_path_factory.mktemp("tiny_cxr"))
+    return load_splits(manifest)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(method="standard", backbone="small_cnn", size=SIZE, epochs=1, batch_size=4, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class _Spy:
+    """Trainer handler that records the engine, the epochs started and the weights at start."""
+
+    def __init__(self) -> None:
+        self.engine = None
+        self.epochs: list[int] = []
+        self.start_weights: dict[str, torch.Tensor] | None = None
+
+    def attach(self, engine) -> None:
+        self.engine = engine
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch)
+
+    def _epoch(self, engine) -> None:
+        if self.start_weights is None:
+            sd = engine.network.state_dict()
+            self.start_weights = {k: v.clone() for k, v in sd.items()}
+        self.epochs.append(engine.state.epoch)
+
+
+class _StopAfterFirstEpoch:
+    """Simulates an interruption: terminates the trainer after epoch 1 (after checkpointing)."""
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.terminate())
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_splits_and_dataset(splits) -> None:
+    assert splits["classes"] == ["covid", "normal", "pneumonia"]
+    assert splits["train"] and splits["val"]
+    assert {"image", "label", "mask"} <= set(splits["train"][0])
+    ds = build_dataset(splits["train"], SIZE, need_masks=True, augment=AugmentConfig())
+    loader = build_loader(ds, 4, shuffle=False)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 1, SIZE, SIZE) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (4, 1, SIZE, SIZE)
+    assert set(torch.unique(batch["mask"]).tolist()) <= {0.0, 1.0}
+    assert float(batch["image"].min()) >= 0.0 and float(batch["image"].max()) <= 1.0
+    assert batch["label"].dtype == torch.long and batch["label"].shape == (4,)
+    assert "patient_id" not in batch  # no identifiers travel with batches
+    no_mask = [{k: v for k, v in r.items() if k != "mask"} for r in splits["train"]]
+    with pytest.raises(ValueError, match="no lung mask"):
+        build_dataset(no_mask, SIZE, need_masks=True)
+
+
+def test_trainer_runs_saves_state_dict_and_validates(splits, tmp_path) -> None:
+    spy = _Spy()
+    lines: list[str] = []
+    res = train(
+        splits["train"],
+        splits["val"],
+        _cfg(epochs=2),
+        tmp_path,
+        num_classes=3,
+        extra_handlers=[spy],
+        progress=lines.append,
+    )
+    assert isinstance(spy.engine, SupervisedTrainer)
+    assert spy.engine.state.iteration == 2 * len(spy.engine.data_loader)
+    assert res.epochs_done == 2 and len(res.history) == 2 and len(lines) == 2
+    assert "val_acc" in res.history[-1] and "train_ce" in res.history[-1]
+    assert 0.0 <= res.best_metric <= 1.0
+    state = torch.load(res.best_model, weights_only=True)
+    model = build_backbone("small_cnn", 3, dropout=0.5)
+    model.load_state_dict(state)
+    info = json.loads((tmp_path / "best_metric.json").read_text())
+    assert info["metric"] == "val_acc" and info["value"] == res.best_metric
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "resume_checkpoint_epoch=2.pt"
+
+
+def test_resume_after_interruption(splits, tmp_path) -> None:
+    out = tmp_path / "run"
+    first = _Spy()
+    r1 = train(
+        splits["train"],
+        splits["val"],
+        _cfg(epochs=2),
+        out,
+        num_classes=3,
+        extra_handlers=[first, _StopAfterFirstEpoch()],
+    )
+    assert r1.epochs_done == 1 and first.epochs == [1]
+    interrupted = torch.load(out / "last_model.pt", weights_only=True)
+    iters_per_epoch = len(first.engine.data_loader)
+
+    second = _Spy()
+    r2 = train(
+        splits["train"],
+        splits["val"],
+        _cfg(epochs=2),
+        out,
+        num_classes=3,
+        resume=True,
+        extra_handlers=[second],
+    )
+    assert second.epochs == [2]  # the epoch counter continues
+    assert r2.epochs_done == 2
+    assert second.engine.state.iteration == 2 * iters_per_epoch
+    # it started from the interrupted run's weights, not from a fresh initialisation
+    assert _same(second.start_weights, interrupted)
+    assert not _same(first.start_weights, interrupted)
+    final = torch.load(out / "last_model.pt", weights_only=True)
+    assert not _same(final, interrupted)
+
+
+def test_deterministic_with_seed(splits, tmp_path) -> None:
+    runs = []
+    for i in range(2):
+        res = train(splits["train"], [], _cfg(epochs=1, seed=11), tmp_path / f"r{i}", num_classes=3)
+        runs.append(torch.load(res.last_model, weights_only=True))
+    assert _same(runs[0], runs[1])
+    other = train(splits["train"], [], _cfg(epochs=1, seed=12), tmp_path / "r2", num_classes=3)
+    assert not _same(runs[0], torch.load(other.last_model, weights_only=True))
+
+
+def test_isnet_trains_with_tuned_constants(splits, tmp_path) -> None:
+    cfg = _cfg(method="isnet", method_params={"variant": "selective"}, tune_epochs=1)
+    spy = _Spy()
+    res = train(splits["train"], splits["val"], cfg, tmp_path, num_classes=3, extra_handlers=[spy])
+    assert isinstance(spy.engine, SupervisedTrainer)
+    stored = json.loads((tmp_path / "isnet_constants.json").read_text())
+    assert res.constants == (stored["C1"], stored["C2"])
+    C1, C2 = res.constants
+    assert 0 < C1 <= C2
+    assert {"train_ce", "train_heatmap"} <= set(res.history[0])
+
+
+def test_tune_isnet_constants_uses_trained_network(splits) -> None:
+    ds = build_dataset(splits["train"], SIZE, need_masks=False)
+    loader = build_loader(ds, 4, shuffle=False)
+    torch.manual_seed(0)
+    C1, C2 = tune_isnet_constants(
+        lambda: build_backbone("small_cnn", 3), loader, epochs=1, variant="selective"
+    )
+    assert 0 < C1 <= C2
+
+
+def test_evaluator_sees_method_inputs(splits) -> None:
+    from classification.methods import SegmentThenClassify, Standard
+    from classification.train import MethodPrepareBatch
+
+    ds = build_dataset(splits["val"], SIZE, need_masks=True)
+    batch = next(iter(build_loader(ds, 2, shuffle=False)))
+    x, y = MethodPrepareBatch(SegmentThenClassify())(batch, "cpu")
+    assert torch.equal(x, batch["image"] * batch["mask"])
+    assert torch.equal(y, batch["label"])
+    x_std, _ = MethodPrepareBatch(Standard())(batch, "cpu")
+    assert torch.equal(x_std, batch["image"])
+    assert not torch.equal(x, x_std)
+
+
+def test_cli_train(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from classification.cli import train_app
+
+    manifest = make_tiny_manifest(tmp_path / "data")
+    out = tmp_path / "out"
+    args = ["--manifest", str(manifest), "--method", "rrr", "--size", str(SIZE)]
+    args += ["--epochs", "1", "--batch-size", "4", "--out", str(out)]
+    res = CliRunner().invoke(train_app, args)
+    assert res.exit_code == 0, res.output
+    assert "epoch 1/1" in res.output and "best val_acc" in res.output
+    torch.load(out / "best_model.pt", weights_only=True)
+    bad = CliRunner().invoke(train_app, [*args[:2], "--method", "gradcam", "--out", str(out)])
+    assert bad.exit_code == 2 and "unknown method" in bad.output
