@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from classification.cli import train_app
+from segmentation.cli import seg_app
 
 app = typer.Typer(
     help="isnet-cxr: chest X-ray classifiers that look at the lungs (ISNet on MONAI + MLflow).",
@@ -16,6 +17,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Make, check and look at datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.add_typer(seg_app, name="seg")
 
 
 def _fail(message: str, code: int = 2) -> None:

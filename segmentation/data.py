@@ -1,0 +1,212 @@
+"""Data for the lung U-Net: records from a manifest and the MONAI transform chains.
+
+Images are read by :class:`pipeline.dicom.LoadCXRd` (float ``[1, H, W]`` in [0, 1], bright =
+dense, MONOCHROME1 already inverted) and masks by :class:`pipeline.dicom.LoadMaskd`
+(``[1, H, W]`` in {0, 1}). Both are resized to the network size; intensities are rescaled per
+image between the 1st and 99th percentile, so exposure differences between sites matter less.
+
+Augmentation is what a radiograph meets in practice: small rotations and scaling, translation,
+gamma and contrast changes, noise and blur. There is deliberately no horizontal flip: the heart is
+on the patient's left, and a flipped film is not a film the model will ever see.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resized,
+    ScaleIntensityRangePercentilesd,
+    ThresholdIntensityd,
+)
+
+from pipeline.dicom import LoadCXRd, LoadMaskd
+from pipeline.manifest import load_manifest, select, to_records
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Strength of the training augmentation (all probabilities per image)."""
+
+    rotate_deg: float = 8.0
+    scale: float = 0.10
+    translate_fraction: float = 0.06
+    prob_affine: float = 0.8
+    gamma: tuple[float, float] = (0.7, 1.5)
+    prob_gamma: float = 0.5
+    contrast: tuple[float, float] = (-0.15, 0.15)
+    prob_contrast: float = 0.5
+    noise_std: float = 0.03
+    prob_noise: float = 0.3
+    blur_sigma: tuple[float, float] = (0.3, 1.2)
+    prob_blur: float = 0.3
+
+
+class PixdimArrayd(MapTransform):
+    """Give the image meta a NIfTI-style ``pixdim`` array ``[1, row_mm, col_mm, 1, ...]``.
+
+    MONAI's spatial transforms write the new spacing into ``meta["pixdim"][1:3]`` in place; a
+    reader that stores ``pixdim`` as a ``(row_mm, col_mm)`` tuple makes ``Resized`` fail. This
+    transform leaves an array ``pixdim`` alone.
+    """
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            meta = getattr(d[key], "meta", None)
+            if meta is None or "pixdim" not in meta or isinstance(meta["pixdim"], np.ndarray):
+                continue
+            pix = np.ones(8, dtype=np.float64)
+            vals = [float(v) for v in meta["pixdim"]][:7]
+            pix[1 : 1 + len(vals)] = vals
+            meta["pixdim"] = pix
+        return d
+
+
+def spacing_from_meta(meta: dict[str, Any]) -> tuple[float, float] | None:
+    """``(row_mm, col_mm)`` from a CXR meta dict (collated or not), or ``None`` when unknown."""
+    value = meta.get("spacing") if meta else None
+    if value is None or isinstance(value, str):
+        return None
+    try:
+        vals = [float(np.asarray(v).reshape(-1)[0]) for v in value]
+    except (TypeError, ValueError, IndexError):
+        return None
+    if len(vals) != 2 or not all(math.isfinite(v) and v > 0 for v in vals):
+        return None
+    return (vals[0], vals[1])
+
+
+def load_transforms(with_mask: bool) -> list:
+    """Readers: ``image`` (and ``mask``) -> ``MetaTensor [1, H, W]`` float32.
+
+    The reader's meta is collatable (unknown spacing is ``(nan, nan)``, not ``None``)."""
+    ts: list = [LoadCXRd(keys="image")]
+    if with_mask:
+        ts.append(LoadMaskd(keys="mask"))
+    ts.append(PixdimArrayd(keys=["image", "mask"] if with_mask else ["image"]))
+    return ts
+
+
+def resize_normalise(spatial_size: Sequence[int], with_mask: bool) -> list:
+    """Resize to the network size and rescale intensities (1st-99th percentile -> [0, 1])."""
+    ts: list = [
+        Resized(keys="image", spatial_size=tuple(spatial_size), mode="area"),
+        ScaleIntensityRangePercentilesd(
+            keys="image", lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True
+        ),
+    ]
+    if with_mask:
+        ts.append(Resized(keys="mask", spatial_size=tuple(spatial_size), mode="nearest"))
+    return ts
+
+
+def augmentations(cfg: AugmentConfig, spatial_size: Sequence[int], with_mask: bool = True) -> list:
+    """Random transforms a radiograph meets in practice (no horizontal flip).
+
+    Applied after resizing, so translations are ``translate_fraction`` of ``spatial_size``.
+    """
+    keys = ["image", "mask"] if with_mask else ["image"]
+    modes = ["bilinear", "nearest"] if with_mask else ["bilinear"]
+    rot = math.radians(cfg.rotate_deg)
+    return [
+        RandAffined(
+            keys=keys,
+            prob=cfg.prob_affine,
+            rotate_range=(rot,),
+            scale_range=(cfg.scale, cfg.scale),
+            translate_range=tuple(cfg.translate_fraction * s for s in spatial_size),
+            mode=modes,
+            padding_mode="zeros",
+        ),
+        RandAdjustContrastd(keys="image", prob=cfg.prob_gamma, gamma=cfg.gamma),
+        RandScaleIntensityd(keys="image", factors=cfg.contrast, prob=cfg.prob_contrast),
+        RandShiftIntensityd(keys="image", offsets=0.05, prob=cfg.prob_contrast),
+        RandGaussianNoised(keys="image", prob=cfg.prob_noise, std=cfg.noise_std),
+        RandGaussianSmoothd(
+            keys="image", prob=cfg.prob_blur, sigma_x=cfg.blur_sigma, sigma_y=cfg.blur_sigma
+        ),
+        ThresholdIntensityd(keys="image", threshold=0.0, above=True, cval=0.0),
+        ThresholdIntensityd(keys="image", threshold=1.0, above=False, cval=1.0),
+    ]
+
+
+def train_transforms(
+    spatial_size: Sequence[int] = (256, 256), augment: AugmentConfig | None = None
+) -> Compose:
+    """Training chain: load image + mask, resize, normalise, augment.
+
+    Output dict: ``image`` float ``[1, H, W]`` in [0, 1], ``mask`` float ``[1, H, W]`` in {0, 1}.
+    """
+    ts = load_transforms(True) + resize_normalise(spatial_size, True)
+    ts += augmentations(augment or AugmentConfig(), spatial_size)
+    ts.append(EnsureTyped(keys=["image", "mask"], track_meta=False))
+    return Compose(ts)
+
+
+def val_transforms(spatial_size: Sequence[int] = (256, 256)) -> Compose:
+    """Validation chain: load image + mask, resize, normalise (no randomness)."""
+    ts = load_transforms(True) + resize_normalise(spatial_size, True)
+    ts.append(EnsureTyped(keys=["image", "mask"], track_meta=False))
+    return Compose(ts)
+
+
+def infer_transforms(spatial_size: Sequence[int] = (256, 256)) -> Compose:
+    """Inference chain: load the image, resize, normalise; the resize is recorded so
+    :class:`monai.transforms.Invertd` can bring predictions back to the original size."""
+    return Compose(load_transforms(False) + resize_normalise(spatial_size, False))
+
+
+def seg_records(
+    manifest: str | os.PathLike,
+    *,
+    splits: Sequence[str] | None = None,
+    sites: Sequence[str] | None = None,
+    require_mask: bool = True,
+) -> list[dict[str, Any]]:
+    """Data dicts (``image``, ``mask``, ``site``, ...) for the selected manifest rows.
+
+    Raises:
+        ValueError: when no row is selected, or (``require_mask``) a selected row has no mask.
+    """
+    df = load_manifest(manifest, check_mask_sizes=False)
+    df = select(df, sites=sites, splits=splits)
+    if df.empty:
+        raise ValueError(
+            f"{manifest}: no rows with split in {list(splits) if splits else 'any'} and site in "
+            f"{list(sites) if sites else 'any'}; check the manifest's split/site columns"
+        )
+    if require_mask:
+        missing = [str(p) for p, m in zip(df["image"], df["mask"], strict=True) if not m]
+        if missing:
+            raise ValueError(
+                f"{manifest}: {len(missing)} selected row(s) have no lung mask (first: "
+                f"{missing[0]}); a segmentation set needs a mask for every image"
+            )
+    return to_records(df)
+
+
+def manifest_path(dataset_dir: str | os.PathLike, manifest: str | None = None) -> Path:
+    """The dataset's manifest: ``manifest`` when given, else ``<dataset_dir>/manifest.csv``."""
+    path = Path(manifest) if manifest else Path(dataset_dir) / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no manifest at {path}: pass --dataset_dir pointing at a folder with manifest.csv "
+            "(e.g. from `isnet-cxr data synth`) or set --manifest"
+        )
+    return path
