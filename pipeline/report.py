@@ -1,0 +1,429 @@
+"""Figures and the self-contained study report (HTML with embedded PNGs + a Markdown table).
+
+The results frame given to :func:`write_report` has one row per (method, dataset):
+
+- ``method``, ``dataset``, ``kind`` (``internal``, ``external``, ``biased``, ``unbiased`` or
+  ``confounding``);
+- metric columns named as :mod:`pipeline.eval_metrics` names them, each with
+  ``<name>_ci_low`` / ``<name>_ci_high`` (e.g. ``auroc_macro``, ``auroc_macro_ci_low``, ...);
+- optionally ``background_relevance`` (share of positive relevance outside the lungs, 0..1),
+  with or without CI columns.
+
+All plotting uses matplotlib's Agg canvas directly (no pyplot global figure state).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.eval_metrics import compute_metrics, metric_safe_names, roc_curve
+
+KIND_ORDER = ("internal", "biased", "unbiased", "confounding", "external")
+METRIC_LABELS = {
+    "auroc_macro": "macro AUROC",
+    "balanced_accuracy": "balanced accuracy",
+    "f1_macro": "macro F1",
+    "accuracy": "accuracy",
+    "ece": "ECE (lower is better)",
+    "background_relevance": "background relevance share (lower is better)",
+}
+_KIND_COLORS = {
+    "internal": "#1f77b4",
+    "external": "#d62728",
+    "biased": "#9467bd",
+    "unbiased": "#2ca02c",
+    "confounding": "#ff7f0e",
+}
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", bbox_inches="tight", pad_inches=0.08)
+    return path
+
+
+def format_ci(value: float, low: float, high: float, digits: int = 2) -> str:
+    """``"0.91 [0.87, 0.94]"``; ``"n/a"`` for a missing value; no brackets without a CI."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return text
+    return f"{text} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_roc(
+    probs_by_method: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    classes: Sequence[str],
+    path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """One-vs-rest ROC curves, one panel per class, one curve per method.
+
+    Args:
+        probs_by_method: method -> ``[N, K]`` softmax outputs on the same ``N`` images.
+        labels: ``[N]`` true class indices; classes: ``K`` names; path: PNG to write.
+    """
+    labels = np.asarray(labels)
+    k = len(classes)
+    fig = _figure(3.2 * k, 3.4)
+    axes = fig.subplots(1, k, squeeze=False)[0]
+    safe = metric_safe_names(classes)
+    for c, ax in enumerate(axes):
+        positives = labels == c
+        ax.plot([0, 1], [0, 1], ls=":", color="0.6", lw=1)
+        for method, probs in probs_by_method.items():
+            probs = np.asarray(probs)
+            if positives.all() or not positives.any():
+                continue
+            fpr, tpr = roc_curve(probs[:, c], positives)
+            auc = compute_metrics(probs, labels, classes)[f"auroc_{safe[c]}"]
+            ax.plot(fpr, tpr, lw=1.6, label=f"{method} ({auc:.2f})")
+        ax.set_title(f"{classes[c]} vs rest" + ("" if positives.any() else " (no positives)"))
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_aspect("equal")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right", title="AUROC", title_fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_confusion(
+    labels: np.ndarray,
+    preds: np.ndarray,
+    classes: Sequence[str],
+    path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Confusion matrix (colour: row-normalised recall; text: count and share of the row)."""
+    labels, preds = np.asarray(labels, dtype=int), np.asarray(preds, dtype=int)
+    k = len(classes)
+    cm = np.zeros((k, k), dtype=int)
+    np.add.at(cm, (labels, preds), 1)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+    fig = _figure(1.2 * k + 2.2, 1.1 * k + 1.6)
+    ax = fig.add_subplot()
+    im = ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            color = "white" if share[i, j] > 0.6 else "black"
+            ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center", color=color)
+    ax.set_xticks(range(k), classes, rotation=30, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
+    ax.set_title(title or "confusion matrix")
+    return _save(fig, path)
+
+
+def _ordered_columns(results: pd.DataFrame) -> list[tuple[str, str]]:
+    """Distinct ``(dataset, kind)`` pairs, internal first, external last, then by name."""
+    rank = {k: i for i, k in enumerate(KIND_ORDER)}
+    pairs = {(str(d), str(k)) for d, k in zip(results["dataset"], results["kind"], strict=True)}
+    return sorted(pairs, key=lambda dk: (rank.get(dk[1], len(rank)), dk[0]))
+
+
+def _ci_columns(results: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series]:
+    nan = pd.Series(np.nan, index=results.index)
+    lo = results.get(f"{metric}_ci_low", nan)
+    hi = results.get(f"{metric}_ci_high", nan)
+    return lo.astype(float), hi.astype(float)
+
+
+def plot_internal_vs_external(
+    results: pd.DataFrame, path: str | Path, *, metric: str = "auroc_macro"
+) -> Path:
+    """Per method: every dataset's ``metric`` with its CI, coloured by kind; a dashed line
+    joins the method's mean internal and mean external value (the generalisation gap)."""
+    _check_results(results, [metric])
+    methods = list(dict.fromkeys(results["method"]))
+    columns = _ordered_columns(results)
+    lo, hi = _ci_columns(results, metric)
+    fig = _figure(max(4.5, 1.6 * len(methods) + 2.5), 3.8)
+    ax = fig.add_subplot()
+    offsets = np.linspace(-0.25, 0.25, len(columns)) if len(columns) > 1 else np.zeros(1)
+    seen: set[str] = set()
+    for m, method in enumerate(methods):
+        rows = results[results["method"] == method]
+        means = {}
+        for kind in ("internal", "external"):
+            vals = rows.loc[rows["kind"] == kind, metric].astype(float)
+            means[kind] = float(vals.mean()) if len(vals) else math.nan
+        if not math.isnan(means["internal"]) and not math.isnan(means["external"]):
+            ax.plot(
+                [m - 0.3, m + 0.3],
+                [means["internal"], means["external"]],
+                ls="--",
+                c="0.5",
+                lw=1,
+                label="mean internal to mean external" if m == 0 else None,
+            )
+        for d, (dataset, kind) in enumerate(columns):
+            sel = (rows["dataset"].astype(str) == dataset) & (rows["kind"].astype(str) == kind)
+            if not sel.any():
+                continue
+            i = rows.index[sel][0]
+            v = float(results.at[i, metric])
+            err = None
+            if not (math.isnan(lo[i]) or math.isnan(hi[i])):
+                err = [[max(v - lo[i], 0)], [max(hi[i] - v, 0)]]
+            ax.errorbar(
+                m + offsets[d],
+                v,
+                yerr=err,
+                fmt="o" if kind == "internal" else "s",
+                color=_KIND_COLORS.get(kind, "0.3"),
+                capsize=2,
+                ms=5,
+                label=kind if kind not in seen else None,
+            )
+            seen.add(kind)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_xlim(-0.6, len(methods) - 0.4)
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_title(f"{METRIC_LABELS.get(metric, metric)}: internal vs external (95% CI)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_background_share(
+    results: pd.DataFrame, path: str | Path, *, column: str = "background_relevance"
+) -> Path:
+    """Bars: each method's mean share of relevance outside the lungs (over datasets), with
+    the per-dataset values as dots."""
+    methods = list(dict.fromkeys(results["method"]))
+    fig = _figure(max(4.0, 1.2 * len(methods) + 2), 3.4)
+    ax = fig.add_subplot()
+    for m, method in enumerate(methods):
+        vals = results.loc[results["method"] == method, column].astype(float).dropna()
+        ax.bar(m, vals.mean() if len(vals) else 0.0, color="#8c8c8c", width=0.6)
+        ax.plot(np.full(len(vals), m), vals, "o", color="black", ms=3)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of positive relevance\noutside the lung mask")
+    ax.set_title("Where do the models look? (lower is better)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _check_results(results: pd.DataFrame, metrics: Sequence[str]) -> None:
+    missing = [c for c in ("method", "dataset", "kind", *metrics) if c not in results.columns]
+    if missing:
+        raise ValueError(
+            f"results frame lacks column(s) {missing}; it needs one row per (method, dataset) "
+            f"with columns method, dataset, kind and the metric columns. Has: {list(results)}"
+        )
+    dup = results.duplicated(["method", "dataset", "kind"])
+    if dup.any():
+        first = results.loc[dup, ["method", "dataset", "kind"]].iloc[0].tolist()
+        raise ValueError(
+            f"results frame has several rows for method/dataset/kind {first}; aggregate seeds "
+            "and folds first (e.g. with summarise_runs) so there is one row each."
+        )
+
+
+def metric_table(results: pd.DataFrame, metric: str = "auroc_macro") -> pd.DataFrame:
+    """Method x dataset table of ``"value [low, high]"`` strings (datasets ordered by kind)."""
+    _check_results(results, [metric])
+    lo, hi = _ci_columns(results, metric)
+    cells = results.assign(
+        _cell=[
+            format_ci(float(v), float(a), float(b))
+            for v, a, b in zip(results[metric], lo, hi, strict=True)
+        ]
+    )
+    cells["_col"] = [f"{d} ({k})" for d, k in zip(cells["dataset"], cells["kind"], strict=True)]
+    table = cells.pivot(index="method", columns="_col", values="_cell")
+    ordered = [f"{d} ({k})" for d, k in _ordered_columns(results)]
+    table = table.reindex(index=list(dict.fromkeys(results["method"])), columns=ordered)
+    table.columns.name = None
+    return table.fillna("n/a")
+
+
+def summarise_runs(
+    results: pd.DataFrame, by: Sequence[str] = ("method", "dataset", "kind")
+) -> pd.DataFrame:
+    """One row per ``by`` group (e.g. over seeds and folds): the mean of every numeric column,
+    plus ``n_runs``.
+
+    The averaged ``*_ci_low`` / ``*_ci_high`` columns describe a typical single run's
+    uncertainty, not the uncertainty of the mean over runs; say so where they are shown.
+    """
+    missing = [c for c in by if c not in results.columns]
+    if missing:
+        raise ValueError(f"results frame lacks column(s) {missing} to group by")
+    numeric = [
+        c
+        for c in results.columns
+        if c not in by and pd.api.types.is_numeric_dtype(results[c]) and c not in ("seed",)
+    ]
+    grouped = results.groupby(list(by), sort=False)
+    out = grouped[numeric].mean()
+    out["n_runs"] = grouped.size()
+    return out.reset_index()
+
+
+def markdown_table(table: pd.DataFrame, index_name: str = "method") -> str:
+    """A GitHub-style Markdown table (one row per index entry)."""
+
+    def esc(x: object) -> str:
+        return str(x).replace("|", "\\|")
+
+    header = [index_name, *table.columns]
+    lines = [
+        "| " + " | ".join(esc(h) for h in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for idx, row in table.iterrows():
+        lines.append("| " + " | ".join(esc(x) for x in [idx, *row.tolist()]) + " |")
+    return "\n".join(lines)
+
+
+def _html_table(table: pd.DataFrame, index_name: str = "method") -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [index_name, *table.columns])
+    body = []
+    for idx, row in table.iterrows():
+        cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in row.tolist())
+        body.append(f"<tr><th scope='row'>{html.escape(str(idx))}</th>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _img(path: Path, caption: str) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"report figure {caption!r}: {path} does not exist")
+    suffix = path.suffix.lower().lstrip(".")
+    mime = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "svg": "image/svg+xml"}
+    if suffix not in mime:
+        raise ValueError(f"report figure {path}: use PNG, JPEG or SVG, not .{suffix}")
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    cap = html.escape(caption)
+    return (
+        f"<figure><img alt='{cap}' src='data:{mime[suffix]};base64,{data}'>"
+        f"<figcaption>{cap}</figcaption></figure>"
+    )
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1100px;
+color:#222;padding:0 1rem;line-height:1.45}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;
+border-bottom:1px solid #ddd;padding-bottom:.2rem}
+.meta{color:#666;font-size:.9rem}pre{background:#f6f6f6;padding:.6rem;overflow-x:auto;
+font-size:.85rem;white-space:pre-wrap}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
+th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}thead th{background:#f0f0f0}
+tbody th{background:#fafafa}figure{margin:1rem 0}img{max-width:100%;height:auto;
+border:1px solid #eee}figcaption{color:#555;font-size:.88rem}
+"""
+
+
+def write_report(
+    results: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    figures: Mapping[str, str | Path] | None = None,
+    title: str = "Cross-dataset study",
+    command: str | None = None,
+    metric: str = "auroc_macro",
+    extra_metrics: Sequence[str] = ("balanced_accuracy", "f1_macro", "ece"),
+    background: str = "background_relevance",
+) -> tuple[Path, str]:
+    """Write ``<out_dir>/report.html`` (self-contained) and return it with the Markdown table.
+
+    Args:
+        results: one row per (method, dataset); see the module docstring.
+        figures: caption -> image file to embed (e.g. ROC curves per external dataset made with
+            :func:`plot_roc`, the heatmap grid).
+        title: report title; command: the command that produced the results (shown verbatim).
+        metric: the main table's metric; extra_metrics: further tables (those present).
+        background: column with the share of relevance outside the lungs (table + bar plot
+            when present).
+
+    Returns:
+        ``(html_path, markdown)`` where ``markdown`` is the main table, one row per method.
+    """
+    _check_results(results, [metric])
+    out = Path(out_dir)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    main = metric_table(results, metric)
+    md = markdown_table(main)
+
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='meta'>Generated {datetime.now().strftime('%Y-%m-%d %H:%M')}. "
+        f"{results['method'].nunique()} method(s), {results['dataset'].nunique()} dataset(s). "
+        "Values are point estimates with 95% confidence intervals from a bootstrap over "
+        "patients.</p>",
+    ]
+    if command:
+        parts.append(f"<pre>{html.escape(command)}</pre>")
+    parts += [f"<h2>{html.escape(METRIC_LABELS.get(metric, metric))}</h2>", _html_table(main)]
+    vs = plot_internal_vs_external(results, fig_dir / "internal_vs_external.png", metric=metric)
+    parts.append(_img(vs, "Internal vs external performance per method"))
+
+    for extra in extra_metrics:
+        if extra in results.columns and extra != metric:
+            parts += [
+                f"<h2>{html.escape(METRIC_LABELS.get(extra, extra))}</h2>",
+                _html_table(metric_table(results, extra)),
+            ]
+    if background in results.columns:
+        bg = results.dropna(subset=[background])
+        if len(bg):
+            parts += [
+                f"<h2>{html.escape(METRIC_LABELS['background_relevance'])}</h2>",
+                _html_table(metric_table(bg, background)),
+                _img(
+                    plot_background_share(bg, fig_dir / "background_share.png", column=background),
+                    "Share of relevance outside the lungs per method",
+                ),
+            ]
+    if figures:
+        parts.append("<h2>Figures</h2>")
+        parts += [_img(Path(p), str(caption)) for caption, p in figures.items()]
+
+    doc = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )
+    html_path = out / "report.html"
+    html_path.write_text(doc, encoding="utf-8")
+    (out / "report.md").write_text(f"# {title}\n\n{md}\n", encoding="utf-8")
+    return html_path, md

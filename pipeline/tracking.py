@@ -1,0 +1,696 @@
+"""How a cross-dataset study is laid out in MLflow (read in the MLflow UI).
+
+Layout (one experiment per study name)::
+
+    study run  "<study>-<YYYYmmdd-HHMMSS>-<hex>"   tags study.name, code.version; params = config
+      training run  "train-<method>-seed<seed>"    tags method, seed, train.datasets
+        |  input: training dataset (context "training"), output: the logged model (model_id)
+        evaluation run  "eval-<method>-seed<seed>-<dataset>"
+              tags eval.dataset, eval.kind, train.run_id, eval.model_id (+ method, seed)
+              inputs: evaluation dataset (context "evaluation") and the model
+              metrics logged with dataset= and model_id= (the model page lists every dataset)
+              artifacts: predictions.csv, confusion.png, roc.png
+
+Every run is created fresh with :class:`mlflow.MlflowClient` and explicit run ids (never resumed
+by name, never through the fluent active-run stack). An exception (KeyboardInterrupt included;
+SIGTERM is turned into SystemExit while a study is open in the main thread) inside a run's
+``with`` block marks that run and every run still open above it FAILED and re-raises; a normal
+exit marks it FINISHED (or FAILED when a child failed inside it).
+
+Privacy: datasets and prediction tables logged here keep only an allow-list of columns
+(:data:`SAFE_COLUMNS`) plus ``row`` and a keyed pseudonymous ``image_key``; no patient id or image
+path is written. Every param, tag, metric name and table written is checked against the
+patient ids of the frames given (:func:`assert_no_identifiers`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import hmac
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.settings import Settings
+
+_log = logging.getLogger(__name__)
+
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+DB_NAME = "mlruns.db"
+ARTIFACT_DIR_NAME = "mlartifacts"
+EVAL_KINDS = ("internal", "external", "biased", "unbiased", "confounding")
+#: Columns of a manifest frame that may be logged (everything else is dropped).
+SAFE_COLUMNS = ("site", "label", "split", "bias", "pseudo_id")
+#: Columns that identify a patient or an image file (never logged, used for the privacy check).
+IDENTIFIER_COLUMNS = ("patient_id", "image", "mask")
+#: Columns made here from numbers or keyed hashes (their cells are not searched for identifiers).
+GENERATED_COLUMNS = ("row", "image_key", "pseudo_id", "label_index", "pred")
+_PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
+_BATCH = 100  # MLflow's limit on params per log_batch call
+
+
+class PrivacyError(ValueError):
+    """A value about to be written contains a patient identifier."""
+
+
+def resolve_tracking_uri(default_dir: str | os.PathLike) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs default_dir>/mlruns.db``.
+
+    MLflow >= 3.13 refuses a plain ``./mlruns`` file store; a SQLite file is the local default.
+    The folder is created. Artifacts of a local store go to ``<default_dir>/mlartifacts`` (see
+    :func:`artifact_root_for`), never to a folder that is uploaded with the database in it.
+    """
+    uri = os.environ.get(ENV_TRACKING_URI, "").strip()
+    if uri:
+        return uri
+    folder = Path(default_dir).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / DB_NAME}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :])
+    return None
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Artifact location for new experiments: ``file://<db folder>/mlartifacts`` for SQLite.
+
+    None for a tracking server (the server decides, e.g. its ``--artifacts-destination``).
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    return (db.parent / ARTIFACT_DIR_NAME).resolve().as_uri()
+
+
+def code_version(repo: str | os.PathLike | None = None) -> str:
+    """``git rev-parse HEAD`` of the repository holding this package, or ``"unknown"``."""
+    cwd = Path(repo) if repo else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else "unknown"
+
+
+def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> ``{"a.b.c": "value"}``; lists/tuples as JSON, values as strings.
+
+    Values longer than MLflow's 6000-character limit are cut with a ``...[truncated]`` marker.
+    """
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, prefix=f"{name}."))
+            continue
+        if isinstance(value, (list, tuple)):
+            text = json.dumps([str(v) if isinstance(v, Path) else v for v in value], default=str)
+        else:
+            text = str(value)
+        if len(text) > _PARAM_VALUE_MAX:
+            text = text[: _PARAM_VALUE_MAX - 14] + "...[truncated]"
+        out[name] = text
+    return out
+
+
+def assert_no_identifiers(values: Any, forbidden: Iterable[Any]) -> None:
+    """Raise :class:`PrivacyError` when any string in ``values`` contains a forbidden identifier.
+
+    ``values`` may be a string, a mapping (keys and values are checked), a DataFrame (column
+    names and the distinct values of its text columns; the columns this module generates,
+    :data:`GENERATED_COLUMNS`, and numeric columns are skipped) or any iterable of those.
+    Identifiers of 4 or more characters are matched as substrings; shorter ones only as whole
+    values (so an id ``"7"`` does not flag ``seed=7``). The error says where the identifier
+    was found, never the identifier itself.
+    """
+    ids = {str(f).strip() for f in forbidden if f is not None and str(f).strip()}
+    ids.discard("nan")
+    if not ids:
+        return
+    long_ids = {i for i in ids if len(i) >= 4}
+    short_ids = ids - long_ids
+    lengths = sorted({len(i) for i in long_ids})
+
+    def contains_id(text: str) -> bool:
+        # every substring of an id's length, looked up in a set: O(len(text) * n_lengths),
+        # independent of how many identifiers there are
+        if text in short_ids:
+            return True
+        for n in lengths:
+            if n > len(text):
+                break
+            if any(text[j : j + n] in long_ids for j in range(len(text) - n + 1)):
+                return True
+        return False
+
+    for where, text in _strings(values, "value"):
+        if contains_id(text):
+            raise PrivacyError(
+                f"{where} contains a patient identifier; it must not be written to MLflow, logs "
+                "or outputs. Drop or pseudonymise that field."
+            )
+
+
+def _strings(values: Any, where: str) -> Iterator[tuple[str, str]]:
+    if values is None:
+        return
+    if isinstance(values, (str, bytes, Path, int, float, np.generic)):
+        yield where, values.decode() if isinstance(values, bytes) else str(values)
+    elif isinstance(values, pd.DataFrame):
+        for col in values.columns:
+            yield f"{where} column name {col!r}", str(col)
+            generated = str(col) in GENERATED_COLUMNS or str(col).startswith("prob_")
+            if generated or pd.api.types.is_numeric_dtype(values[col]):
+                continue
+            for cell in pd.unique(values[col].astype(str)):
+                yield f"{where} column {col!r}", cell
+    elif isinstance(values, Mapping):
+        for key, val in values.items():
+            yield f"{where} key {key!r}", str(key)
+            yield from _strings(val, f"{where}[{key!r}]")
+    elif isinstance(values, Iterable):
+        for i, val in enumerate(values):
+            yield from _strings(val, f"{where}[{i}]")
+    else:
+        yield where, str(values)
+
+
+def pseudonymous_frame(df: pd.DataFrame, secret: bytes) -> pd.DataFrame:
+    """The part of a manifest frame that may be logged: ``row, image_key`` + :data:`SAFE_COLUMNS`.
+
+    ``row`` is the frame's integer index (the manifest row) or the position; ``image_key`` is
+    ``HMAC-SHA256(secret, image path)`` cut to 16 hex characters (same image, same key, within
+    one installation; not reversible without the secret). Patient ids, paths and every other
+    column are dropped.
+    """
+    out = pd.DataFrame(index=range(len(df)))
+    idx = df.index
+    out["row"] = idx.to_numpy() if pd.api.types.is_integer_dtype(idx) else np.arange(len(df))
+    if "image" in df.columns:
+        out["image_key"] = [
+            hmac.new(secret, str(p).encode(), hashlib.sha256).hexdigest()[:16] for p in df["image"]
+        ]
+    for col in SAFE_COLUMNS:
+        if col in df.columns:
+            out[col] = df[col].fillna("").astype(str).to_numpy()
+    return out
+
+
+def _identifiers(df: pd.DataFrame | None) -> set[str]:
+    if df is None:
+        return set()
+    ids: set[str] = set()
+    for col in IDENTIFIER_COLUMNS:
+        if col in df.columns:
+            ids.update(str(v) for v in df[col].dropna() if str(v).strip())
+    return ids
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "unknown"
+
+
+def _now_ms() -> int:
+    return int(datetime.now(timezone.utc).timestamp() * 1000)
+
+
+@contextlib.contextmanager
+def _scoped_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent functions (used by ``mlflow.pytorch.log_model``) at ``uri``.
+
+    MLflow keeps the fluent tracking URI in module state; this sets it for the duration of the
+    block only and restores the previous value (also on error).
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with tracking_utils._use_tracking_uri(uri):
+        yield
+
+
+def load_model(tracking_uri: str, model_id: str) -> Any:
+    """Load a logged torch model (``models:/<model_id>``) from the given store.
+
+    The model is stored with pickle: load only from a store you trust.
+    """
+    import mlflow.pytorch
+
+    with _scoped_tracking_uri(tracking_uri):
+        return mlflow.pytorch.load_model(f"models:/{model_id}")
+
+
+class RunHandle:
+    """One open MLflow run; logs through the client with this run's id."""
+
+    def __init__(self, tracker: StudyTracker, run_id: str):
+        self.tracker = tracker
+        self.run_id = run_id
+
+    @property
+    def client(self):
+        return self.tracker.client
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log scalar metrics (NaN allowed) at ``step`` (e.g. the epoch)."""
+        self._log_metric_batch(metrics, step)
+
+    def _log_metric_batch(
+        self, metrics: Mapping[str, float], step: int | None, **metric_kwargs: Any
+    ) -> None:
+        from mlflow.entities import Metric
+
+        self.tracker.check_private(list(metrics))
+        ts = _now_ms()
+        entries = [
+            Metric(str(k), float(v), ts, int(step or 0), run_id=self.run_id, **metric_kwargs)
+            for k, v in metrics.items()
+        ]
+        for i in range(0, len(entries), 1000):
+            self.client.log_batch(self.run_id, metrics=entries[i : i + 1000], synchronous=True)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.tracker._log_params(self.run_id, params)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.tracker.check_private(tags)
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Upload one file (never the tracking database or a folder holding it)."""
+        self.tracker._refuse_store_upload(Path(path))
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_table(self, df: pd.DataFrame, artifact_file: str) -> None:
+        """Write ``df`` as CSV and upload it, after the privacy check."""
+        self.tracker.check_private(df)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            df.to_csv(path, index=False)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+    def log_dataset(self, df: pd.DataFrame, name: str, context: str) -> Any:
+        """Log the pseudonymous view of ``df`` as a run input; returns the MLflow dataset."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        safe = pseudonymous_frame(df, self.tracker.secret)
+        self.tracker.check_private(safe, extra=_identifiers(df))
+        with warnings.catch_warnings():  # the schema hint about integer columns is noise here
+            warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+            ds = mlflow.data.from_pandas(safe, name=name, targets="label")
+            entity = ds._to_mlflow_entity()
+        self.tracker.check_private([entity.source, entity.schema, entity.profile], _identifiers(df))
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=tags)])
+        return ds
+
+
+class TrainingRun(RunHandle):
+    """A training run: per-epoch metrics, the training dataset and the model."""
+
+    def __init__(self, tracker: StudyTracker, run_id: str, model_tags: Mapping[str, str]):
+        super().__init__(tracker, run_id)
+        self.model_tags = dict(model_tags)
+        self.model_id: str | None = None
+
+    def log_model(self, model: Any, *, name: str = "model") -> str:
+        """Log a torch module as an MLflow 3 logged model of this run; returns its ``model_id``.
+
+        The model carries the run's ``method``, ``seed`` and ``train.datasets`` tags, so the
+        experiment's model list can be filtered like the runs.
+        """
+        import mlflow.pytorch
+        import torch
+
+        logged = self.client.create_logged_model(
+            experiment_id=self.tracker.experiment_id,
+            name=name,
+            source_run_id=self.run_id,
+            tags={**self.model_tags, "mlflow.user": _user()},
+        )
+        with _scoped_tracking_uri(self.tracker.uri):
+            mlflow.pytorch.log_model(
+                model,
+                name=name,
+                model_id=logged.model_id,
+                run_id=self.run_id,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                serialization_format="pickle",
+            )
+        self.model_id = logged.model_id
+        self.client.set_tag(self.run_id, "train.model_id", logged.model_id)
+        return logged.model_id
+
+
+class EvaluationRun(RunHandle):
+    """An evaluation run of one model on one dataset."""
+
+    def __init__(self, tracker, run_id, *, model_id, dataset, frame: pd.DataFrame, method: str):
+        super().__init__(tracker, run_id)
+        self.model_id = model_id
+        self.dataset = dataset
+        self.frame = frame
+        self.method = method
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics attached to this run's dataset and model (shown on the model page)."""
+        self._log_metric_batch(
+            metrics,
+            step,
+            model_id=self.model_id,
+            dataset_name=self.dataset.name,
+            dataset_digest=self.dataset.digest,
+        )
+
+    def log_predictions(
+        self, probs: np.ndarray, labels: np.ndarray, class_names: list[str]
+    ) -> pd.DataFrame:
+        """Upload ``predictions.csv``, ``confusion.png`` and ``roc.png``.
+
+        Args:
+            probs: ``[N, K]`` softmax outputs, rows in the order of the evaluation frame.
+            labels: ``[N]`` true class indices. class_names: ``K`` names.
+
+        Returns:
+            The predictions table written (``row, image_key, site, ..., label_index, pred,
+            prob_<class>``; no patient ids or paths).
+        """
+        from pipeline.eval_metrics import metric_safe_names
+        from pipeline.report import plot_confusion, plot_roc
+
+        probs = np.asarray(probs, dtype=np.float64)
+        labels = np.asarray(labels)
+        if probs.shape != (len(self.frame), len(class_names)) or labels.shape != (len(probs),):
+            raise ValueError(
+                f"predictions for {len(self.frame)} images x {len(class_names)} classes expected; "
+                f"got probs {probs.shape} and labels {labels.shape}"
+            )
+        table = pseudonymous_frame(self.frame, self.tracker.secret)
+        table["label_index"] = labels.astype(int)
+        table["pred"] = probs.argmax(axis=1)
+        for k, c in enumerate(metric_safe_names(class_names)):
+            table[f"prob_{c}"] = probs[:, k]
+        self.tracker.check_private(table, extra=_identifiers(self.frame))
+        self.log_table(table, "predictions.csv")
+        with tempfile.TemporaryDirectory() as tmp:
+            title = f"{self.method} on {self.dataset.name}"
+            cm = plot_confusion(
+                labels, table["pred"].to_numpy(), class_names, Path(tmp) / "c.png", title=title
+            )
+            roc = plot_roc(
+                {self.method: probs}, labels, class_names, Path(tmp) / "roc.png", title=title
+            )
+            self.client.log_artifact(self.run_id, str(cm.rename(cm.with_name("confusion.png"))))
+            self.client.log_artifact(self.run_id, str(roc))
+        return table
+
+
+class StudyTracker:
+    """One execution of a study in MLflow: an experiment per study, a new parent run per call.
+
+    Example::
+
+        with StudyTracker("site-shift", config, default_dir=out) as study:
+            with study.training_run("isnet", 0, params, train_df) as tr:
+                tr.log_metrics({"loss": 0.3}, step=1)
+                model_id = tr.log_model(net)
+            with study.evaluation_run(tr.run_id, model_id, "siteC", "external", df) as ev:
+                ev.log_metrics(evaluate(...).as_dict())
+                ev.log_predictions(probs, labels, classes)
+
+    Args:
+        name: experiment name (the study). config: everything needed to rerun (flattened into
+        params of the study run). tracking_uri: default :func:`resolve_tracking_uri`
+        (``default_dir``). forbidden: extra patient identifiers never to write.
+        settings: gives the pseudonymisation secret for ``image_key``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: Mapping[str, Any] | None = None,
+        *,
+        default_dir: str | os.PathLike = "eval",
+        tracking_uri: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        forbidden: Iterable[str] = (),
+        settings: Settings | None = None,
+        handle_sigterm: bool = True,
+    ):
+        from mlflow import MlflowClient
+
+        if not name or not str(name).strip():
+            raise ValueError("a study needs a non-empty name (the MLflow experiment name)")
+        self.name = str(name)
+        self.config = dict(config or {})
+        self.uri = tracking_uri or resolve_tracking_uri(default_dir)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.extra_tags = dict(tags or {})
+        self.forbidden: set[str] = {str(f) for f in forbidden}
+        self.secret = (settings or Settings.from_env()).pseudonym_secret()
+        self.experiment_id: str | None = None
+        self.run_id: str | None = None
+        self._open: list[str] = []
+        self._failed: set[str] = set()
+        self._handle_sigterm = handle_sigterm
+        self._old_sigterm: Any = None
+
+    # ------------------------------------------------------------------ privacy and params
+    def check_private(self, values: Any, extra: Iterable[str] = ()) -> None:
+        """Raise :class:`PrivacyError` if ``values`` hold a known patient identifier."""
+        assert_no_identifiers(values, self.forbidden | set(extra))
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten_params(params)
+        self.check_private(flat)
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(run_id, params=items[i : i + _BATCH], synchronous=True)
+
+    def _refuse_store_upload(self, path: Path) -> None:
+        db = sqlite_path(self.uri)
+        if db is None:
+            return
+        path, db = path.resolve(), db.resolve()
+        if path == db or (path.is_dir() and db.is_relative_to(path)):
+            raise ValueError(
+                f"refusing to upload {path}: it is or holds the tracking database {db}. "
+                "Log individual result files instead."
+            )
+
+    # ------------------------------------------------------------------ runs
+    def _experiment(self) -> str:
+        exp = self.client.get_experiment_by_name(self.name)
+        if exp is not None:
+            if exp.lifecycle_stage != "active":
+                raise ValueError(
+                    f"MLflow experiment {self.name!r} is deleted; restore it in the UI "
+                    "(or `mlflow experiments restore`) or choose another study name."
+                )
+            return exp.experiment_id
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(
+                self.name, artifact_location=artifact_root_for(self.uri)
+            )
+        except MlflowException:  # created meanwhile by a concurrent study of the same name
+            exp = self.client.get_experiment_by_name(self.name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _new_run(self, run_name: str, parent: str | None, tags: Mapping[str, Any]) -> str:
+        all_tags = {str(k): str(v) for k, v in tags.items()}
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        self.check_private(all_tags)
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
+        return run.info.run_id
+
+    def _fail_open_runs(self, exc: BaseException) -> None:
+        for rid in reversed(self._open):
+            self._failed.add(rid)
+            try:
+                self.client.set_tag(rid, "run.error", type(exc).__name__)
+                self.client.set_terminated(rid, "FAILED")
+            except Exception as err:  # never hide the original error
+                _log.error("could not mark MLflow run %s FAILED: %s", rid, err)
+
+    @contextlib.contextmanager
+    def _managed(self, run_id: str) -> Iterator[None]:
+        self._open.append(run_id)
+        try:
+            yield
+        except BaseException as exc:
+            self._fail_open_runs(exc)
+            raise
+        else:
+            status = "FAILED" if run_id in self._failed else "FINISHED"
+            self.client.set_terminated(run_id, status)
+        finally:
+            self._open.remove(run_id)
+
+    def __enter__(self) -> StudyTracker:
+        self.experiment_id = self._experiment()
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        tags = {
+            "study.name": self.name,
+            "code.version": (sha := code_version()),
+            "mlflow.source.git.commit": sha,
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "",
+            "mlflow.user": _user(),
+            **self.extra_tags,
+        }
+        self.run_id = self._new_run(f"{self.name}-{stamp}-{uuid.uuid4().hex[:6]}", None, tags)
+        self._open.append(self.run_id)
+        self._install_sigterm()
+        try:
+            self._log_params(self.run_id, self.config)
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.run_id not in self._open:
+            return False
+        try:
+            if exc is not None:
+                self._fail_open_runs(exc)
+            else:
+                status = "FAILED" if self.run_id in self._failed else "FINISHED"
+                self.client.set_terminated(self.run_id, status)
+        finally:
+            self._open.remove(self.run_id)
+            self._restore_sigterm()
+        return False
+
+    def _install_sigterm(self) -> None:
+        """While the study is open, SIGTERM (e.g. from a job scheduler) raises SystemExit in the
+        main thread, so the open runs are marked FAILED instead of being left RUNNING. The
+        previous handler is restored when the study closes."""
+        if not self._handle_sigterm or threading.current_thread() is not threading.main_thread():
+            return
+
+        def _raise(signum, frame):
+            raise SystemExit(128 + signum)
+
+        self._old_sigterm = signal.signal(signal.SIGTERM, _raise)
+
+    def _restore_sigterm(self) -> None:
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+    def _require_open(self) -> str:
+        if self.run_id is None or self.run_id not in self._open:
+            raise RuntimeError("use StudyTracker as a context manager: `with StudyTracker(...)`")
+        return self.run_id
+
+    @contextlib.contextmanager
+    def training_run(
+        self,
+        method: str,
+        seed: int,
+        params: Mapping[str, Any],
+        train_df: pd.DataFrame,
+        *,
+        dataset_name: str | None = None,
+    ) -> Iterator[TrainingRun]:
+        """A child run for training one model (``method`` with ``seed``) on ``train_df``.
+
+        ``train_df`` is a manifest frame (columns ``site``, ``label``, ...); only its
+        pseudonymous view is logged (input context ``"training"``).
+        """
+        parent = self._require_open()
+        sites = sorted({str(s) for s in train_df["site"]}) if "site" in train_df else []
+        tags = {
+            "study.name": self.name,
+            "method": method,
+            "seed": seed,
+            "train.datasets": ",".join(sites),
+            "train.n_images": len(train_df),
+        }
+        self.forbidden |= _identifiers(train_df)
+        run_id = self._new_run(f"train-{method}-seed{seed}", parent, tags)
+        with self._managed(run_id):
+            handle = TrainingRun(self, run_id, {k: str(v) for k, v in tags.items()})
+            self._log_params(run_id, {"method": method, "seed": seed, **dict(params)})
+            handle.log_dataset(train_df, dataset_name or f"train-{'+'.join(sites)}", "training")
+            yield handle
+
+    @contextlib.contextmanager
+    def evaluation_run(
+        self,
+        train_run_id: str | None,
+        model_id: str | None,
+        dataset_name: str,
+        kind: str,
+        df: pd.DataFrame,
+    ) -> Iterator[EvaluationRun]:
+        """A run evaluating ``model_id`` on ``df``, a child of ``train_run_id`` (or the study).
+
+        Args:
+            kind: one of :data:`EVAL_KINDS`.
+        """
+        study = self._require_open()
+        if kind not in EVAL_KINDS:
+            raise ValueError(f"evaluation kind {kind!r} is not one of {EVAL_KINDS}")
+        train_tags: dict[str, str] = {}
+        if train_run_id:
+            train_tags = self.client.get_run(train_run_id).data.tags
+        method, seed = train_tags.get("method", "model"), train_tags.get("seed", "")
+        tags = {
+            "study.name": self.name,
+            "eval.dataset": dataset_name,
+            "eval.kind": kind,
+            "eval.n_images": len(df),
+            "train.run_id": train_run_id or "",
+            "eval.model_id": model_id or "",
+            "method": method,
+            "seed": seed,
+        }
+        run_name = f"eval-{method}-seed{seed}-{dataset_name}" if seed else f"eval-{dataset_name}"
+        self.forbidden |= _identifiers(df)
+        run_id = self._new_run(run_name, train_run_id or study, tags)
+        with self._managed(run_id):
+            tmp = RunHandle(self, run_id)
+            ds = tmp.log_dataset(df, dataset_name, "evaluation")
+            if model_id:
+                from mlflow.entities import LoggedModelInput
+
+                self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+            yield EvaluationRun(
+                self, run_id, model_id=model_id, dataset=ds, frame=df, method=method
+            )

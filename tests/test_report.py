@@ -1,0 +1,159 @@
+"""The study report: self-contained HTML, Markdown table, plotting helpers."""
+
+from __future__ import annotations
+
+import base64
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.eval_metrics import evaluate
+from pipeline.report import (
+    format_ci,
+    metric_table,
+    plot_confusion,
+    plot_internal_vs_external,
+    plot_roc,
+    summarise_runs,
+    write_report,
+)
+
+CLASSES = ["normal", "pneumonia", "covid"]
+METHODS = {"standard": 0.6, "segment-then-classify": 1.2, "isnet": 1.8}
+DATASETS = {"siteA": "internal", "siteB": "internal", "siteC": "external", "siteD": "external"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _predictions(signal: float, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3))
+    logits[np.arange(n), labels] += signal
+    return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True), labels
+
+
+def _results() -> tuple[pd.DataFrame, dict]:
+    rows, preds = [], {}
+    for m, (method, signal) in enumerate(METHODS.items()):
+        for d, (dataset, kind) in enumerate(DATASETS.items()):
+            s = signal if kind == "internal" else signal * 0.6  # the generalisation gap
+            probs, labels = _predictions(s, 60, seed=d)  # same labels per dataset
+            preds.setdefault(dataset, ({}, labels))[0][method] = probs
+            r = evaluate(probs, labels, np.arange(60) // 2, CLASSES, n_boot=50, seed=m)
+            rows.append(
+                {
+                    "method": method,
+                    "dataset": dataset,
+                    "kind": kind,
+                    **r.as_dict(),
+                    "background_relevance": 0.5 / (1 + m) + 0.02 * d,
+                }
+            )
+    return pd.DataFrame(rows), preds
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_is_self_contained_and_complete(tmp_path):
+    results, preds = _results()
+    figures = {}
+    for dataset, kind in DATASETS.items():
+        if kind == "external":
+            by_method, labels = preds[dataset]
+            path = plot_roc(by_method, labels, CLASSES, tmp_path / f"roc_{dataset}.png")
+            figures[f"ROC curves on {dataset} (external)"] = path
+    heatmaps = plot_confusion(np.array([0, 1, 2]), np.array([0, 2, 2]), CLASSES, tmp_path / "h.png")
+    figures["Heatmap grid"] = heatmaps
+    command = "isnet-cxr study run --config study.json --seed 0"
+
+    html_path, md = write_report(
+        results, tmp_path / "report", figures=figures, title="Site shift", command=command
+    )
+
+    doc = html_path.read_text(encoding="utf-8")
+    parser = _Collect()
+    parser.feed(doc)
+    parser.close()
+    text = " ".join(parser.text)
+    for name in [*METHODS, *DATASETS, "Site shift", command]:
+        assert name in text, name
+    imgs = [attrs for tag, attrs in parser.tags if tag == "img"]
+    # internal-vs-external + background share + 2 ROC + heatmap grid
+    assert len(imgs) == 5
+    for attrs in imgs:
+        assert attrs["src"].startswith("data:image/png;base64,")
+        assert base64.b64decode(attrs["src"].split(",", 1)[1])[:8] == PNG_MAGIC
+    external = [
+        (tag, a)
+        for tag, a in parser.tags
+        if tag in ("script", "link", "iframe") or ("src" in a and not a["src"].startswith("data:"))
+    ]
+    assert external == []
+    # main table: one row per method, a "v [lo, hi]" cell per dataset
+    cells = re.findall(r"<td>([^<]*)</td>", doc)
+    ci = re.compile(r"^\d\.\d\d \[\d\.\d\d, \d\.\d\d\]$")
+    assert sum(bool(ci.match(c)) for c in cells) >= len(METHODS) * len(DATASETS)
+    lines = md.strip().splitlines()
+    assert len(lines) == 2 + len(METHODS)
+    assert lines[0].startswith("| method | siteA (internal) | siteB (internal) | siteC (external)")
+    for line, method in zip(lines[2:], METHODS, strict=True):
+        assert line.startswith(f"| {method} |")
+        assert len(re.findall(r"\d\.\d\d \[\d\.\d\d, \d\.\d\d\]", line)) == len(DATASETS)
+    row = results[(results.method == "isnet") & (results.dataset == "siteC")].iloc[0]
+    expected = format_ci(row.auroc_macro, row.auroc_macro_ci_low, row.auroc_macro_ci_high)
+    assert expected in lines[-1]
+    assert (tmp_path / "report" / "report.md").read_text().count("\n| ") == 1 + len(METHODS)
+
+
+def test_table_orders_datasets_by_kind_and_handles_missing_cells(tmp_path):
+    results, _ = _results()
+    results = results.sample(frac=1.0, random_state=0)  # order must not depend on row order
+    results = results[~((results.method == "isnet") & (results.dataset == "siteD"))]
+    table = metric_table(results, "auroc_macro")
+    assert list(table.columns) == [f"{d} ({k})" for d, k in DATASETS.items()]
+    assert table.loc["isnet", "siteD (external)"] == "n/a"
+    # an undefined metric (e.g. a class absent from a dataset) reads "n/a" and does not break
+    results.loc[results.index[0], ["auroc_macro", "auroc_macro_ci_low"]] = np.nan
+    html_path, md = write_report(results, tmp_path / "r")
+    assert "n/a" in md and html_path.stat().st_size > 10_000
+    assert format_ci(0.912, 0.871, 0.944) == "0.91 [0.87, 0.94]"
+    assert format_ci(float("nan"), 0.1, 0.2) == "n/a"
+    assert format_ci(0.5, float("nan"), float("nan")) == "0.50"
+
+
+def test_plots_write_pngs_and_bad_frames_are_refused(tmp_path):
+    results, preds = _results()
+    path = plot_internal_vs_external(results, tmp_path / "vs.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    by_method, labels = preds["siteC"]
+    roc = plot_roc(by_method, labels, CLASSES, tmp_path / "roc.png", title="siteC")
+    assert roc.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="aggregate seeds"):
+        write_report(pd.concat([results, results.iloc[:1]]), tmp_path / "r")
+    # several seeds -> one row per (method, dataset, kind), averaged, with the run count
+    seeds = pd.concat([results.assign(seed=0), results.assign(seed=1, auroc_macro=0.5)])
+    summary = summarise_runs(seeds)
+    assert len(summary) == len(results) and (summary["n_runs"] == 2).all()
+    np.testing.assert_allclose(summary["auroc_macro"], (results["auroc_macro"] + 0.5) / 2)
+    assert "seed" not in summary.columns
+    # the same site as internal (one fold) and external (another) gives two columns
+    loso = pd.concat([results, results[results.dataset == "siteC"].assign(kind="internal")])
+    assert "siteC (internal)" in metric_table(loso).columns
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['kind'\]"):
+        write_report(results.drop(columns="kind"), tmp_path / "r")
+    with pytest.raises(FileNotFoundError, match="heatmaps"):
+        write_report(results, tmp_path / "r", figures={"heatmaps": tmp_path / "missing.png"})

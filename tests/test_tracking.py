@@ -1,0 +1,430 @@
+"""The MLflow layout of a study, read back from a real SQLite store and a real `mlflow server`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline.eval_metrics import evaluate
+from pipeline.tracking import (
+    PrivacyError,
+    StudyTracker,
+    assert_no_identifiers,
+    flatten_params,
+    load_model,
+    pseudonymous_frame,
+    resolve_tracking_uri,
+)
+
+CLASSES = ["normal", "pneumonia", "covid"]
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+}
+
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Starting with pandas version 4.0"),  # inside mlflow
+    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_mlflow(monkeypatch):
+    for key, value in QUIET_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, created once: its schema migrations take ~10 s.
+
+    Tests (and the server) work on copies, so each starts from a clean store.
+    """
+    path = tmp_path_factory.mktemp("template") / "mlruns.db"
+    old = {k: os.environ.get(k) for k in QUIET_ENV}
+    os.environ.update(QUIET_ENV)
+    try:
+        MlflowClient(f"sqlite:///{path}").search_experiments()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return path
+
+
+@pytest.fixture
+def store_uri(migrated_db, tmp_path) -> str:
+    shutil.copy(migrated_db, tmp_path / "mlruns.db")
+    return f"sqlite:///{tmp_path / 'mlruns.db'}"
+
+
+def _manifest(site: str, n: int, seed: int) -> pd.DataFrame:
+    """A manifest-like frame with identifying columns (patient ids, paths with the id in them)."""
+    rng = np.random.default_rng(seed)
+    pids = [f"PID-{site}-{i // 2:05d}" for i in range(n)]  # two images per patient
+    return pd.DataFrame(
+        {
+            "image": [f"/hospital/{p}/study1/img{i}.dcm" for i, p in enumerate(pids)],
+            "mask": [f"/hospital/{p}/mask{i}.png" for i, p in enumerate(pids)],
+            "label": [CLASSES[i] for i in rng.integers(0, 3, n)],
+            "site": site,
+            "patient_id": pids,
+            "split": "test",
+            "bias": "",
+        }
+    )
+
+
+def _fake_predictions(df: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.array([CLASSES.index(c) for c in df["label"]])
+    logits = rng.normal(size=(len(df), 3))
+    logits[np.arange(len(df)), labels] += 1.5
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return probs, labels
+
+
+def _run_study(uri: str, name: str, *, crash_dataset: str | None = None) -> dict:
+    """A tiny study: one method trained on sites A+B, evaluated on A (internal) and C (external)."""
+    train_df = pd.concat([_manifest("siteA", 12, 0), _manifest("siteB", 12, 1)], ignore_index=True)
+    evals = {
+        "siteA": ("internal", _manifest("siteA", 16, 2)),
+        "siteC": ("external", _manifest("siteC", 16, 3)),
+    }
+    ids: dict = {"eval": {}}
+    config = {"study": {"name": name, "train_sites": ["siteA", "siteB"]}, "n_boot": 20}
+    with StudyTracker(name, config, tracking_uri=uri) as study:
+        ids["study"] = study.run_id
+        with study.training_run("isnet", 0, {"lr": 1e-3, "epochs": 2}, train_df) as tr:
+            for epoch, loss in enumerate([0.9, 0.5], start=1):
+                tr.log_metrics({"train_loss": loss}, step=epoch)
+            model = torch.nn.Linear(4, 3)
+            ids["model"] = tr.log_model(model)
+            ids["train"] = tr.run_id
+        for dataset, (kind, df) in evals.items():
+            with study.evaluation_run(tr.run_id, ids["model"], dataset, kind, df) as ev:
+                ids["eval"][dataset] = ev.run_id
+                probs, labels = _fake_predictions(df, 5)
+                result = evaluate(probs, labels, df["patient_id"], CLASSES, n_boot=20)
+                ev.log_metrics(result.as_dict())
+                if dataset == crash_dataset:
+                    raise RuntimeError("injected crash during evaluation")
+                ev.log_predictions(probs, labels, CLASSES)
+    return ids
+
+
+def _check_layout(client: MlflowClient, name: str, ids: dict) -> None:
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id])
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    study = client.get_run(ids["study"])
+    assert study.data.tags["study.name"] == name
+    assert (
+        len(study.data.tags["code.version"]) == 40 or study.data.tags["code.version"] == "unknown"
+    )
+    assert study.data.params["study.train_sites"] == '["siteA", "siteB"]'
+    assert study.data.params["n_boot"] == "20"
+    assert "mlflow.parentRunId" not in study.data.tags
+
+    train = client.get_run(ids["train"])
+    assert train.data.tags["mlflow.parentRunId"] == ids["study"]
+    assert train.data.tags["method"] == "isnet" and train.data.tags["seed"] == "0"
+    assert train.data.tags["train.datasets"] == "siteA,siteB"
+    assert [m.value for m in client.get_metric_history(ids["train"], "train_loss")] == [0.9, 0.5]
+    (train_input,) = train.inputs.dataset_inputs
+    assert {t.key: t.value for t in train_input.tags}["mlflow.data.context"] == "training"
+    assert train.outputs.model_outputs[0].model_id == ids["model"]
+
+    model = client.get_logged_model(ids["model"])
+    assert model.source_run_id == ids["train"] and model.status.to_proto() is not None
+    assert str(model.status) in ("READY", "LoggedModelStatus.READY")
+    assert model.experiment_id == exp.experiment_id
+    assert (model.tags["method"], model.tags["train.datasets"]) == ("isnet", "siteA,siteB")
+    # the model page lists the metrics of every evaluation dataset
+    by_dataset = {(m.key, m.dataset_name) for m in model.metrics}
+    assert ("auroc_macro", "siteA") in by_dataset and ("auroc_macro", "siteC") in by_dataset
+
+    for dataset, kind in [("siteA", "internal"), ("siteC", "external")]:
+        run = client.get_run(ids["eval"][dataset])
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == ids["train"]
+        assert (tags["eval.dataset"], tags["eval.kind"]) == (dataset, kind)
+        assert tags["train.run_id"] == ids["train"] and tags["eval.model_id"] == ids["model"]
+        (ds_input,) = run.inputs.dataset_inputs
+        assert ds_input.dataset.name == dataset
+        assert {t.key: t.value for t in ds_input.tags}["mlflow.data.context"] == "evaluation"
+        assert [m.model_id for m in run.inputs.model_inputs] == [ids["model"]]
+        assert set(run.data.metrics) >= {"auroc_macro", "auroc_macro_ci_low", "ece_ci_high"}
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert artifacts == {"predictions.csv", "confusion.png", "roc.png"}
+
+    # privacy: nothing read back carries a patient id or an image path
+    forbidden = {p for s in "ABC" for p in _manifest(f"site{s}", 16, 0)["patient_id"]}
+    forbidden |= {"/hospital/"}
+    for run in runs:
+        assert_no_identifiers([run.data.params, run.data.tags, list(run.data.metrics)], forbidden)
+        for inp in run.inputs.dataset_inputs:
+            d = inp.dataset
+            assert_no_identifiers([d.name, d.source, d.schema, d.profile], forbidden)
+
+
+def _read_predictions(client: MlflowClient, run_id: str, tmp_path: Path) -> pd.DataFrame:
+    local = client.download_artifacts(run_id, "predictions.csv", str(tmp_path))
+    return pd.read_csv(local)
+
+
+def test_study_layout_in_sqlite_store(tmp_path, store_uri):
+    import mlflow
+
+    uri = store_uri
+    before = mlflow.get_tracking_uri()
+    ids = _run_study(uri, "tiny-study")
+    assert mlflow.active_run() is None  # nothing left on MLflow's fluent run stack
+    assert mlflow.get_tracking_uri() == before  # nor in its global tracking URI
+    client = MlflowClient(uri)
+    _check_layout(client, "tiny-study", ids)
+    # artifacts live beside the database, in their own folder (never uploaded with the db)
+    assert (tmp_path / "mlartifacts").is_dir()
+    assert not list((tmp_path / "mlartifacts").rglob("*.db"))
+    table = _read_predictions(client, ids["eval"]["siteC"], tmp_path / "dl")
+    assert len(table) == 16
+    assert list(table.columns[:3]) == ["row", "image_key", "site"]
+    assert {f"prob_{c}" for c in CLASSES} <= set(table.columns)
+    assert not {"patient_id", "image", "mask"} & set(table.columns)
+    assert not table.astype(str).apply(lambda c: c.str.contains("PID-")).any().any()
+    # the logged model loads back and computes
+    net = load_model(uri, ids["model"])
+    assert net(torch.zeros(2, 4)).shape == (2, 3)
+    assert mlflow.get_tracking_uri() == before  # MLflow's global URI is left as it was
+
+
+def test_interrupt_and_privacy_violation_leave_no_run_running(tmp_path, store_uri):
+    uri = store_uri
+    df = _manifest("siteA", 6, 0)
+    with pytest.raises(KeyboardInterrupt):  # noqa: SIM117 - the nesting is what is tested
+        with StudyTracker("interrupted", {}, tracking_uri=uri) as st:
+            with st.training_run("standard", 1, {}, df) as tr:
+                train_id = tr.run_id
+                raise KeyboardInterrupt
+    client = MlflowClient(uri)
+    assert client.get_run(train_id).info.status == "FAILED"
+    assert client.get_run(st.run_id).info.status == "FAILED"
+    assert client.get_run(train_id).data.tags["run.error"] == "KeyboardInterrupt"
+
+    # SIGTERM (a scheduler stopping the job) fails the runs too, and the handler is restored
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit):  # noqa: SIM117
+        with StudyTracker("terminated", {}, tracking_uri=uri) as st_term:
+            with st_term.training_run("standard", 1, {}, df) as tr_term:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the signal arrives before this ends
+    assert client.get_run(tr_term.run_id).info.status == "FAILED"
+    assert client.get_run(st_term.run_id).info.status == "FAILED"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    # a param holding a patient id is refused before anything is written, and the run fails
+    with pytest.raises(PrivacyError, match="patient identifier"):  # noqa: SIM117
+        with StudyTracker("leaky", {}, tracking_uri=uri) as st2:
+            with st2.training_run("standard", 1, {"note": "hard case PID-siteA-00001"}, df):
+                pass
+    runs = client.search_runs([client.get_experiment_by_name("leaky").experiment_id])
+    assert {r.info.status for r in runs} == {"FAILED"}
+    assert all("note" not in r.data.params for r in runs)
+
+    # a caught child failure still marks the study FAILED; the study never reads FINISHED
+    with StudyTracker("caught", {}, tracking_uri=uri) as st3:
+        with pytest.raises(ValueError), st3.training_run("standard", 1, {}, df):
+            raise ValueError("boom")
+        with st3.training_run("standard", 2, {}, df) as ok:
+            pass
+    assert client.get_run(st3.run_id).info.status == "FAILED"
+    assert client.get_run(ok.run_id).info.status == "FINISHED"
+
+    # the tracking database itself is never uploaded as an artifact
+    with (
+        StudyTracker("upload", {}, tracking_uri=uri) as st4,
+        st4.training_run("standard", 1, {}, df) as tr4,
+    ):
+        with pytest.raises(ValueError, match="tracking database"):
+            tr4.log_artifact(tmp_path / "mlruns.db")
+        with pytest.raises(ValueError, match="tracking database"):
+            tr4.log_artifact(tmp_path)
+
+
+def test_helpers(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = resolve_tracking_uri(tmp_path / "eval")
+    assert uri == f"sqlite:///{(tmp_path / 'eval').resolve()}/mlruns.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(tmp_path / "eval") == "http://127.0.0.1:5999"
+
+    assert flatten_params({"a": {"b": 1, "c": [1, Path("x")]}, "d": None}) == {
+        "a.b": "1",
+        "a.c": '[1, "x"]',
+        "d": "None",
+    }
+    assert len(flatten_params({"long": "x" * 7000})["long"]) == 6000
+
+    assert_no_identifiers({"seed": "7", "lr": 0.1}, ["7A21", "7"][:1])  # "7A21" not present
+    assert_no_identifiers({"seed": "17"}, ["7"])  # short ids match whole values only
+    with pytest.raises(PrivacyError, match=r"value\['seed'\]"):
+        assert_no_identifiers({"seed": "7"}, ["7"])
+    with pytest.raises(PrivacyError, match="column 'path' contains"):
+        assert_no_identifiers(pd.DataFrame({"path": ["a", "x/PAT123/y"]}), ["PAT123"])
+
+    df = _manifest("siteA", 4, 0)
+    safe = pseudonymous_frame(df, b"k1")
+    assert list(safe.columns) == ["row", "image_key", "site", "label", "split", "bias"]
+    assert safe["image_key"].nunique() == 4
+    assert (pseudonymous_frame(df, b"k2")["image_key"] != safe["image_key"]).all()  # keyed
+    assert_no_identifiers(safe, set(df["patient_id"]) | set(df["image"]))
+
+
+# ----------------------------------------------------------------------------- real server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """A started `mlflow server` process; :meth:`url` waits until it answers /health."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
+        self.proc, self.port, self.log_path = proc, port, log_path
+        self._healthy = False
+
+    def url(self, timeout: float = 90.0) -> str:
+        base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout
+        while not self._healthy:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited ({self.proc.returncode}):\n{self._log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                    self._healthy = resp.status == 200
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"mlflow server not healthy after {timeout} s:\n{self._log_tail()}"
+                    ) from None
+                time.sleep(0.5)
+        return base
+
+    def _log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, migrated_db):
+    """A real `mlflow server` (SQLite backend, proxied artifacts), started once per module.
+
+    Not autouse: under pytest-xdist every worker would start its own server.
+    """
+    root = tmp_path_factory.mktemp("mlflow_server")
+    shutil.copy(migrated_db, root / "server.db")  # skips the schema migrations at start-up
+    port = _free_port()
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **QUIET_ENV},
+            cwd=root,
+            start_new_session=True,  # its own process group: the finalizer stops the workers too
+        )
+    try:
+        yield _Server(proc, port, log_path)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        except ProcessLookupError:
+            pass
+
+
+def test_study_against_real_server_with_crash_and_rerun(mlflow_server, tmp_path):
+    url = mlflow_server.url()
+    client = MlflowClient(url)
+    name = "server-study"
+    with pytest.raises(RuntimeError, match="injected crash"):
+        _run_study(url, name, crash_dataset="siteA")
+    exp = client.get_experiment_by_name(name)
+    crashed = client.search_runs([exp.experiment_id])
+    status = {r.data.tags["mlflow.runName"]: r.info.status for r in crashed}
+    assert status["eval-isnet-seed0-siteA"] == "FAILED"
+    assert status["train-isnet-seed0"] == "FINISHED"  # closed before the crash
+    study_runs = [r for r in crashed if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in study_runs] == ["FAILED"]
+    assert "eval-isnet-seed0-siteC" not in status  # never reached
+
+    ids = _run_study(url, name)  # same names: new runs, nothing resumed
+    old_ids = {r.info.run_id for r in crashed}
+    assert ids["study"] not in old_ids and ids["train"] not in old_ids
+    assert not set(ids["eval"].values()) & old_ids
+    all_runs = client.search_runs([exp.experiment_id])
+    assert len(all_runs) == len(crashed) + 4
+    assert "RUNNING" not in {r.info.status for r in all_runs}
+    for r in crashed:  # the crashed runs were not touched by the re-run
+        assert client.get_run(r.info.run_id).info.status == r.info.status
+    # the layout check over the re-run's runs only
+    fresh = {r.info.run_id for r in all_runs} - old_ids
+    assert fresh == {ids["study"], ids["train"], *ids["eval"].values()}
+    for run_id in fresh:
+        assert client.get_run(run_id).info.status == "FINISHED"
+    _check_layout_subset(client, name, ids)
+    table = _read_predictions(client, ids["eval"]["siteC"], tmp_path)
+    assert len(table) == 16 and "patient_id" not in table.columns
+
+
+def _check_layout_subset(client: MlflowClient, name: str, ids: dict) -> None:
+    """:func:`_check_layout` restricted to the runs in ``ids`` (the experiment has old ones)."""
+
+    class _Only:
+        def __getattr__(self, item):
+            return getattr(client, item)
+
+        def search_runs(self, experiment_ids):
+            wanted = {ids["study"], ids["train"], *ids["eval"].values()}
+            return [r for r in client.search_runs(experiment_ids) if r.info.run_id in wanted]
+
+    _check_layout(_Only(), name, ids)
