@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import sys
 from pathlib import Path
 
 import typer
@@ -18,6 +21,8 @@ data_app = typer.Typer(help="Make, check and look at datasets.", no_args_is_help
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(seg_app, name="seg")
+study_app = typer.Typer(help="Cross-dataset generalisation studies.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -105,17 +110,88 @@ def data_fetch_ct() -> None:
     typer.echo(str(fetch_ct(Settings.from_env())))
 
 
+def _parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        _fail(f"--set expects KEY=VALUE (e.g. study_def#train#epochs=3), got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _run_study_config(config: Path, quick: bool, out: Path | None, overrides: list[str]) -> None:
+    from monai.bundle import ConfigParser
+
+    from pipeline.dicom import CXRReadError
+    from pipeline.manifest import ManifestError
+    from pipeline.study import run_study
+
+    files = [config]
+    if quick:
+        overlay = config.with_name(f"{config.stem}_quick.json")
+        if not overlay.is_file():
+            _fail(f"--quick needs {overlay} beside {config}")
+        files.append(overlay)
+    for f in files:
+        if not f.is_file():
+            _fail(f"study config not found: {f}")
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    for key, value in map(_parse_override, overrides):
+        parser[key] = value
+    if out is not None:
+        parser["output_dir"] = str(out)
+    try:
+        cfg = parser.get_parsed_content("study")
+    except (ValueError, TypeError) as exc:
+        _fail(f"{config}: {exc}")
+    out_dir = Path(parser.get_parsed_content("output_dir"))
+    command = "isnet-cxr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        result = run_study(cfg, out_dir, command=command, log=typer.echo)
+    except (CXRReadError, ManifestError) as exc:
+        _fail(
+            f"{exc}\nThe study's MLflow runs are marked FAILED; models already trained are kept, "
+            "so running the same command again resumes."
+        )
+    typer.echo("")
+    typer.echo(result.markdown)
+    if len(result.paired):
+        cols = ["dataset", "comparator", "difference", "ci_low", "ci_high", "p_value"]
+        typer.echo("\nISNet minus comparator, macro AUROC (paired patient bootstrap):")
+        typer.echo(result.paired[cols].to_string(index=False, float_format="%.3f"))
+    typer.echo(f"\nreport: {result.report}")
+    typer.echo(f"results: {result.out_dir / 'results.csv'}")
+    typer.echo(
+        "MLflow UI: "
+        f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {result.tracking_uri} "
+        "--port 5000   (then open http://127.0.0.1:5000)"
+    )
+
+
+@study_app.command("run")
+def study_run(
+    config: Path = typer.Argument(Path("configs/study.json"), help="Study config (JSON)."),
+    quick: bool = typer.Option(False, help="Apply <config>_quick.json: a small, fast run."),
+    out: Path | None = typer.Option(None, help="Output folder (default: the config's)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override: KEY=JSON, e.g. study_def#seeds=[0,1]."
+    ),
+) -> None:
+    """Run a study: train every method on the training sites, test on held-out sites, log to
+    MLflow and write the report."""
+    _run_study_config(config, quick, out, set_)
+
+
 @app.command("demo")
 def demo(
-    out: Path = typer.Option(Path("outputs/demo"), help="Output folder."),
-    quick: bool = typer.Option(False, help="A smaller, faster run."),
+    quick: bool = typer.Option(False, help="A smaller, faster run (about 2 minutes)."),
+    out: Path | None = typer.Option(None, help="Output folder."),
 ) -> None:
-    """Run the main job on the embedded default (synthetic multi-site data)."""
-    from pipeline.synthetic import default_sites, make_dataset
-
-    n = 60 if quick else 300
-    manifest = make_dataset(out / "data", default_sites(), n_per_site=n, size=256, seed=0)
-    _print_summary(manifest)
+    """The main job: a full study on the embedded synthetic data (configs/study.json)."""
+    config = Path(__file__).resolve().parent.parent / "configs" / "study.json"
+    _run_study_config(config, quick, out, [])
 
 
 if __name__ == "__main__":  # pragma: no cover

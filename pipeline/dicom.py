@@ -40,6 +40,7 @@ Every failure raises a subclass of :class:`CXRReadError` naming the file, the pr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import math
@@ -103,6 +104,21 @@ class CXRReadError(Exception):
 
     def __reduce__(self):  # picklable across DataLoader workers
         return (type(self), (self.path, self.reason, self.hint))
+
+
+@contextlib.contextmanager
+def surfaced_read_errors():
+    """Re-raise a :class:`CXRReadError` that MONAI wrapped in its ``"applying transform"``
+    ``RuntimeError``, so callers and users see which file failed and why."""
+    try:
+        yield
+    except RuntimeError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, CXRReadError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause.with_traceback(cause.__traceback__) from None
 
 
 class NotDicomError(CXRReadError):

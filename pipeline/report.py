@@ -274,6 +274,39 @@ def metric_table(results: pd.DataFrame, metric: str = "auroc_macro") -> pd.DataF
     return table.fillna("n/a")
 
 
+def plot_heatmap_grid(
+    per_method: Sequence[tuple[str, Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]]],
+    path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Rows = images; columns = image, lung mask, then each method's |LRP| heatmap of the same
+    image. ``per_method``: ``[(method, [(image [H, W], mask [H, W], heatmap [H, W]), ...])]``
+    with the same images in the same order for every method."""
+    if not per_method or not per_method[0][1]:
+        raise ValueError("plot_heatmap_grid needs at least one method with one example")
+    n_img = min(len(ex) for _, ex in per_method)
+    n_col = 2 + len(per_method)
+    fig = _figure(1.9 * n_col, 1.9 * n_img + (0.4 if title else 0))
+    for r in range(n_img):
+        image, mask, _ = per_method[0][1][r]
+        panels = [("image", image, "gray", (0, 1)), ("lung mask", mask, "gray", (0, 1))]
+        for name, examples in per_method:
+            heat = np.abs(examples[r][2])
+            top = float(np.percentile(heat, 99.5)) or 1.0
+            panels.append((name, heat, "hot", (0, top)))
+        for c, (name, arr, cmap, (lo, hi)) in enumerate(panels):
+            ax = fig.add_subplot(n_img, n_col, r * n_col + c + 1)
+            ax.imshow(arr, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 def summarise_runs(
     results: pd.DataFrame, by: Sequence[str] = ("method", "dataset", "kind")
 ) -> pd.DataFrame:
@@ -361,6 +394,7 @@ def write_report(
     metric: str = "auroc_macro",
     extra_metrics: Sequence[str] = ("balanced_accuracy", "f1_macro", "ece"),
     background: str = "background_relevance",
+    extra_tables: Mapping[str, pd.DataFrame] | None = None,
 ) -> tuple[Path, str]:
     """Write ``<out_dir>/report.html`` (self-contained) and return it with the Markdown table.
 
@@ -372,6 +406,7 @@ def write_report(
         metric: the main table's metric; extra_metrics: further tables (those present).
         background: column with the share of relevance outside the lungs (table + bar plot
             when present).
+        extra_tables: heading -> a plain table shown as is (e.g. paired tests).
 
     Returns:
         ``(html_path, markdown)`` where ``markdown`` is the main table, one row per method.
@@ -413,6 +448,10 @@ def write_report(
                     "Share of relevance outside the lungs per method",
                 ),
             ]
+    for heading, frame in (extra_tables or {}).items():
+        shown = frame.round(3).reset_index(drop=True)
+        shown.index = shown.index + 1
+        parts += [f"<h2>{html.escape(heading)}</h2>", _html_table(shown, index_name="#")]
     if figures:
         parts.append("<h2>Figures</h2>")
         parts += [_img(Path(p), str(caption)) for caption, p in figures.items()]

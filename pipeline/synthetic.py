@@ -62,6 +62,10 @@ DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For 
 
 # Per-class marker content for each style (index = class index in CLASSES).
 _LETTERS = ("L", "R", "A")
+# Lead-marker (block, glyph) display values per class: the blocks differ in brightness (bright,
+# mid-grey, dark) so the marker's class stays readable after down-sampling to 64 px, where an
+# 8-pixel glyph alone (L vs R vs A) is nearly unreadable and the shortcut would be too subtle.
+_LETTER_TONES = ((0.93, 0.35), (0.55, 0.05), (0.12, 0.9))
 _WORDS = ("ERECT", "PORTABLE", "ICU")
 _SHAPES = ("square", "triangle", "disc")
 
@@ -80,9 +84,10 @@ class SiteConfig:
             class markers, each with probability 1/4 (see :func:`assign_bias`).
         confounding: if True every image carries the marker of a *different* class (uniform over
             the other classes) and ``bias_correlation`` is ignored.
-        marker_style: ``letter`` (lead marker block with L/R/A), ``text`` (burned-in text, PIL
-            bitmap font: ERECT/PORTABLE/ICU), ``shape`` (square/triangle/disc), ``border``
-            (solid/dashed/dotted band along the top edge), or ``none`` (no markers at all).
+        marker_style: ``letter`` (lead marker block with L/R/A; the block is bright / grey /
+            dark per class), ``text`` (burned-in text, PIL bitmap font: ERECT/PORTABLE/ICU),
+            ``shape`` (square/triangle/disc), ``border`` (solid/dashed/dotted band along the top
+            edge), or ``none`` (no markers at all).
         marker_corner: preferred corner for letter/text/shape markers (others tried if the lungs
             are in the way).
         modality: ``CR`` or ``DX`` (SOP class chosen accordingly).
@@ -641,11 +646,12 @@ def marker_stamp(style: str, cls: str, size: int, site_name: str = "") -> tuple[
     if style == "letter":
         glyph = _text_stamp(_LETTERS[k], s - 2 * max(1, s // 8))
         glyph = ndimage.binary_dilation(glyph, iterations=max(0, s // 16))
-        vals = np.full((s, s), 0.93, dtype=np.float32)
+        block, ink = _LETTER_TONES[k]
+        vals = np.full((s, s), block, dtype=np.float32)
         gh, gw = glyph.shape
         gw = min(gw, s)
         r0, c0 = (s - gh) // 2, (s - gw) // 2
-        vals[r0 : r0 + gh, c0 : c0 + gw][glyph[:, :gw]] = 0.35
+        vals[r0 : r0 + gh, c0 : c0 + gw][glyph[:, :gw]] = ink
         return vals, 1.0
     if style == "text":
         glyph = _text_stamp(_WORDS[k], max(5, round(0.04 * size)))

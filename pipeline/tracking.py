@@ -618,6 +618,10 @@ class StudyTracker:
             raise RuntimeError("use StudyTracker as a context manager: `with StudyTracker(...)`")
         return self.run_id
 
+    def study_run(self) -> RunHandle:
+        """The open study (parent) run, e.g. to attach the report."""
+        return RunHandle(self, self._require_open())
+
     @contextlib.contextmanager
     def training_run(
         self,

@@ -9,6 +9,8 @@ import pytest
 
 from pipeline.settings import Settings
 
+pytest_plugins = ["tests.mlflow_support"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,49 +25,12 @@ from pipeline.tracking import (
 )
 
 CLASSES = ["normal", "pneumonia", "covid"]
-QUIET_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
-}
 
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Starting with pandas version 4.0"),  # inside mlflow
     pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _quiet_mlflow(monkeypatch):
-    for key, value in QUIET_ENV.items():
-        monkeypatch.setenv(key, value)
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory) -> Path:
-    """An empty MLflow SQLite store, created once: its schema migrations take ~10 s.
-
-    Tests (and the server) work on copies, so each starts from a clean store.
-    """
-    path = tmp_path_factory.mktemp("template") / "mlruns.db"
-    old = {k: os.environ.get(k) for k in QUIET_ENV}
-    os.environ.update(QUIET_ENV)
-    try:
-        MlflowClient(f"sqlite:///{path}").search_experiments()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return path
-
-
-@pytest.fixture
-def store_uri(migrated_db, tmp_path) -> str:
-    shutil.copy(migrated_db, tmp_path / "mlruns.db")
-    return f"sqlite:///{tmp_path / 'mlruns.db'}"
 
 
 def _manifest(site: str, n: int, seed: int) -> pd.DataFrame:
@@ -298,88 +256,6 @@ def test_helpers(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- real server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    """A started `mlflow server` process; :meth:`url` waits until it answers /health."""
-
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
-        self.proc, self.port, self.log_path = proc, port, log_path
-        self._healthy = False
-
-    def url(self, timeout: float = 90.0) -> str:
-        base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + timeout
-        while not self._healthy:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited ({self.proc.returncode}):\n{self._log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
-                    self._healthy = resp.status == 200
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"mlflow server not healthy after {timeout} s:\n{self._log_tail()}"
-                    ) from None
-                time.sleep(0.5)
-        return base
-
-    def _log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, migrated_db):
-    """A real `mlflow server` (SQLite backend, proxied artifacts), started once per module.
-
-    Not autouse: under pytest-xdist every worker would start its own server.
-    """
-    root = tmp_path_factory.mktemp("mlflow_server")
-    shutil.copy(migrated_db, root / "server.db")  # skips the schema migrations at start-up
-    port = _free_port()
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'server.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **QUIET_ENV},
-            cwd=root,
-            start_new_session=True,  # its own process group: the finalizer stops the workers too
-        )
-    try:
-        yield _Server(proc, port, log_path)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-        except ProcessLookupError:
-            pass
 
 
 def test_study_against_real_server_with_crash_and_rerun(mlflow_server, tmp_path):

@@ -1,0 +1,583 @@
+"""Cross-dataset generalisation studies: train every method on some sites, test on the others.
+
+A study (:class:`StudyConfig`, read from a JSON file in ``configs/``) runs:
+
+1. data: the manifests it names, or the embedded synthetic multi-site set (plus the biased /
+   unbiased / confounding test sets of one training site) generated into the output folder;
+2. masks: rows without a lung mask get one from the segmentation stage (or every row, with
+   ``masks="segmenter"``);
+3. training: every (fold, method, seed) on the training sites' ``train`` rows, model selection on
+   their ``val`` rows (a finished model is reused when the study is run again: resumable);
+4. evaluation: every model on the internal test split, each external site and each bias set,
+   with bootstrap CIs over patients, LRP background-relevance metrics, and paired bootstrap tests
+   of ISNet against each comparator;
+5. evidence: MLflow runs (:class:`pipeline.tracking.StudyTracker`), ``results.csv``,
+   ``paired_tests.csv``, figures and a self-contained ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.manifest import class_names, load_manifest, select, to_records
+
+BIAS_KINDS = ("biased", "unbiased", "confounding")
+DEFAULT_SEGMENTER = Path(__file__).resolve().parent.parent / "models" / "seg_unet_synthetic.pt"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method to compare: a :func:`classification.methods.build_method` name and params."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def display(self) -> str:
+        if self.label:
+            return self.label
+        variant = self.params.get("variant")
+        return f"{self.name}-{variant}" if variant else self.name
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """The embedded synthetic data (used when a study names no manifest)."""
+
+    n_per_site: int = 300
+    size: int = 256
+    seed: int = 0
+    difficulty: float = 0.5
+    bias_test_n: int = 150
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything a study depends on; flattened into the MLflow params of the study run.
+
+    Attributes:
+        name: the study (MLflow experiment) name.
+        manifests: manifest CSVs; empty means the embedded synthetic data (``synthetic``).
+        train_sites: sites whose ``train``/``val``/``test`` rows train, select and test
+            internally; empty means every site that is not external and not a bias set.
+        external_sites: held-out sites (all their rows are tested); empty means every site
+            that is not a training site. With neither named, the embedded synthetic data trains
+            on its biased sites and holds out its clean one (:func:`synthetic_layout`).
+        leave_one_site_out: one fold per site (train on the rest), instead of one fold.
+        bias_sets: also make (synthetic) and evaluate the biased/unbiased/confounding sets.
+        methods: the methods compared (same backbone and data).
+        seeds: training seeds.
+        train: :class:`classification.train.TrainConfig` fields (backbone, size, epochs, ...).
+        masks: ``"manifest"`` (segment only rows without a mask) or ``"segmenter"`` (all rows).
+        segmenter: the lung U-Net checkpoint used for missing masks.
+        n_boot: bootstrap resamples for CIs and paired tests.
+        heatmap_examples: images per heatmap grid.
+    """
+
+    name: str = "synthetic-cross-site"
+    manifests: tuple[str, ...] = ()
+    synthetic: SyntheticSpec = SyntheticSpec()
+    train_sites: tuple[str, ...] = ()
+    external_sites: tuple[str, ...] = ()
+    leave_one_site_out: bool = False
+    bias_sets: bool = True
+    methods: tuple[MethodSpec, ...] = (
+        MethodSpec("standard"),
+        MethodSpec("segment_then_classify"),
+        MethodSpec("rrr"),
+        MethodSpec("isnet", {"variant": "selective"}),
+    )
+    seeds: tuple[int, ...] = (0,)
+    train: dict[str, Any] = field(default_factory=dict)
+    masks: str = "manifest"
+    segmenter: str = str(DEFAULT_SEGMENTER)
+    n_boot: int = 500
+    heatmap_examples: int = 4
+
+    def __post_init__(self) -> None:
+        if self.masks not in ("manifest", "segmenter"):
+            raise ValueError(f"masks must be 'manifest' or 'segmenter', not {self.masks!r}")
+        if not self.methods:
+            raise ValueError("a study needs at least one method")
+        if not self.seeds:
+            raise ValueError("a study needs at least one seed")
+        labels = [m.display for m in self.methods]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"method labels must be unique, got {labels}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> StudyConfig:
+        """Build from plain JSON values (lists, dicts); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown study setting(s) {unknown}; known: {sorted(known)}")
+        kw = dict(raw)
+        for key in ("manifests", "train_sites", "external_sites", "seeds"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        if "synthetic" in kw:
+            kw["synthetic"] = SyntheticSpec(**kw["synthetic"])
+        if "methods" in kw:
+            kw["methods"] = tuple(
+                MethodSpec(m) if isinstance(m, str) else MethodSpec(**m) for m in kw["methods"]
+            )
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation dataset: name, kind (internal/external/biased/...) and its rows."""
+
+    name: str
+    kind: str
+    frame: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Training rows (``train``/``val``) and the datasets every model of the fold is tested on."""
+
+    name: str
+    train_sites: tuple[str, ...]
+    train: pd.DataFrame
+    val: pd.DataFrame
+    evals: tuple[EvalSet, ...]
+
+
+@dataclass
+class StudyResult:
+    """Where a finished study left its evidence."""
+
+    out_dir: Path
+    results: pd.DataFrame
+    paired: pd.DataFrame
+    report: Path
+    markdown: str
+    tracking_uri: str
+    run_id: str
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def _bias_kind(site: str) -> str | None:
+    for kind in BIAS_KINDS:
+        if site.endswith(f"-{kind}"):
+            return kind
+    return None
+
+
+def prepare_data(cfg: StudyConfig, out_dir: Path, log: Callable[[str], None]) -> list[Path]:
+    """The study's manifests: given ones, or the synthetic set generated (once) under
+    ``out_dir/data``; the same spec twice reuses the files."""
+    if cfg.manifests:
+        return [Path(m) for m in cfg.manifests]
+    from pipeline.synthetic import default_sites, make_bias_test_sets, make_dataset
+
+    spec = cfg.synthetic
+    data_dir = out_dir / "data"
+    stamp = data_dir / "spec.json"
+    want = json.dumps({**asdict(spec), "bias_sets": cfg.bias_sets}, sort_keys=True)
+    paths = [data_dir / "sites" / "manifest.csv"]
+    if cfg.bias_sets:
+        paths.append(data_dir / "bias" / "manifest.csv")
+    if stamp.is_file() and stamp.read_text() == want and all(p.is_file() for p in paths):
+        log(f"data: reusing {data_dir}")
+        return paths
+    sites = default_sites()
+    log(f"data: generating {len(sites)} sites x {spec.n_per_site} images at {spec.size} px")
+    make_dataset(
+        paths[0].parent,
+        sites,
+        n_per_site=spec.n_per_site,
+        size=spec.size,
+        seed=spec.seed,
+        difficulty=spec.difficulty,
+        progress=False,
+    )
+    if cfg.bias_sets:
+        base = next(s for s in sites if s.bias_correlation > 0)
+        log(f"data: generating biased/unbiased/confounding sets of {base.name}")
+        make_bias_test_sets(
+            paths[1].parent,
+            base,
+            n=spec.bias_test_n,
+            size=spec.size,
+            seed=spec.seed + 1,
+            difficulty=spec.difficulty,
+            progress=False,
+        )
+    stamp.write_text(want)
+    return paths
+
+
+def synthetic_layout() -> dict[str, tuple[str, ...]]:
+    """The embedded data's layout: train on the sites with a background bias, hold out the
+    clean one."""
+    from pipeline.synthetic import default_sites
+
+    sites = default_sites()
+    return {
+        "train_sites": tuple(s.name for s in sites if s.bias_correlation > 0),
+        "external_sites": tuple(s.name for s in sites if s.bias_correlation == 0),
+    }
+
+
+def ensure_masks(
+    cfg: StudyConfig, manifests: Sequence[Path], out_dir: Path, log: Callable[[str], None]
+) -> list[Path]:
+    """Manifests whose every row has a lung mask (segmenting rows without one)."""
+    out = []
+    for i, path in enumerate(manifests):
+        df = load_manifest(path, check_mask_sizes=False)
+        if cfg.masks == "manifest" and (df["mask"] != "").all():
+            out.append(path)
+            continue
+        from segmentation.masks_step import write_masks
+
+        target = out_dir / "masks" / f"manifest{i}"
+        log(f"masks: segmenting {path} with {cfg.segmenter}")
+        out.append(write_masks(path, cfg.segmenter, target, overwrite=cfg.masks == "segmenter"))
+    return out
+
+
+def plan_folds(cfg: StudyConfig, df: pd.DataFrame) -> list[Fold]:
+    """The training/evaluation layout: one fold, or one per site with leave-one-site-out."""
+    sites = sorted(set(df["site"]))
+    bias_sites = [s for s in sites if _bias_kind(s)]
+    real_sites = [s for s in sites if s not in bias_sites]
+    for s in (*cfg.train_sites, *cfg.external_sites):
+        if s not in real_sites:
+            raise ValueError(f"site {s!r} is not in the manifests (sites: {real_sites})")
+    if cfg.leave_one_site_out:
+        layouts = [(tuple(s for s in real_sites if s != held), (held,)) for held in real_sites]
+    else:
+        external = cfg.external_sites or tuple(s for s in real_sites if s not in cfg.train_sites)
+        if not external:
+            raise ValueError(
+                "no held-out site: name external_sites (or train_sites) in the study config, "
+                "or set leave_one_site_out"
+            )
+        train_sites = cfg.train_sites or tuple(s for s in real_sites if s not in external)
+        layouts = [(tuple(train_sites), tuple(external))]
+    folds = []
+    for train_sites, external in layouts:
+        if not train_sites:
+            raise ValueError("no training site left: name train_sites in the study config")
+        tr = select(df, sites=train_sites)
+        train, val = select(tr, splits=["train"]), select(tr, splits=["val"])
+        if train.empty or val.empty:
+            raise ValueError(
+                f"training sites {list(train_sites)} need rows with split 'train' and 'val'"
+            )
+        evals = [EvalSet("internal-test", "internal", select(tr, splits=["test"]))]
+        evals += [EvalSet(s, "external", select(df, sites=[s])) for s in external]
+        evals += [
+            EvalSet(s, _bias_kind(s), select(df, sites=[s]))
+            for s in bias_sites
+            if s.rsplit("-", 1)[0] in train_sites
+        ]
+        name = "fold-" + "+".join(train_sites) if cfg.leave_one_site_out else "main"
+        folds.append(
+            Fold(name, tuple(train_sites), train, val, tuple(e for e in evals if len(e.frame)))
+        )
+    return folds
+
+
+# ------------------------------------------------------------------------------------- run
+
+
+def run_study(
+    cfg: StudyConfig,
+    out_dir: str | os.PathLike,
+    *,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> StudyResult:
+    """Run the whole study (see the module docstring); returns the results and where they are.
+
+    Raises:
+        Exception: whatever stopped it; the MLflow runs it opened are marked FAILED and the
+            models already trained are kept, so running it again resumes.
+    """
+    from classification.methods import build_method
+    from classification.predict import load_classifier, predict
+    from classification.train import TrainConfig, train
+    from pipeline.dicom import surfaced_read_errors
+    from pipeline.eval_metrics import evaluate
+    from pipeline.tracking import StudyTracker
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    command = command or " ".join(shlex.quote(a) for a in sys.argv)
+    t0 = time.perf_counter()
+    if not (cfg.manifests or cfg.train_sites or cfg.external_sites or cfg.leave_one_site_out):
+        cfg = replace(cfg, **synthetic_layout())
+    manifests = ensure_masks(cfg, prepare_data(cfg, out, log), out, log)
+    df = pd.concat([load_manifest(m) for m in manifests], ignore_index=True)
+    classes = class_names(df)
+    folds = plan_folds(cfg, df)
+    base_train = TrainConfig(**cfg.train)
+    rows: list[dict[str, Any]] = []
+    probs_by: dict[tuple[str, str, int, str], Any] = {}
+    examples: dict[str, list] = {}
+
+    with (
+        StudyTracker(cfg.name, cfg.to_dict(), default_dir=out / "mlflow") as tracker,
+        surfaced_read_errors(),
+    ):
+        for fold in folds:
+            log(
+                f"{fold.name}: train on {', '.join(fold.train_sites)} ({len(fold.train)} images,"
+                f" {len(fold.val)} val); test on {', '.join(e.name for e in fold.evals)}"
+            )
+            for spec in cfg.methods:
+                for seed in cfg.seeds:
+                    tcfg = replace(
+                        base_train, method=spec.name, method_params=spec.params, seed=seed
+                    )
+                    run_dir = out / "models" / fold.name / f"{spec.display}-seed{seed}"
+                    params = {"fold": fold.name, **asdict(tcfg)}
+                    with tracker.training_run(spec.display, seed, params, fold.train) as tr:
+                        history = _train_once(
+                            train, tcfg, fold, classes, run_dir, log, f"{spec.display}/seed{seed}"
+                        )
+                        for row in history:
+                            step = int(row["epoch"])
+                            tr.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step)
+                        model = load_classifier(
+                            run_dir / "best_model.pt", tcfg.backbone, len(classes)
+                        )
+                        model_id = tr.log_model(model)
+                        method = build_method(spec.name, **spec.params)
+                        for ev in fold.evals:
+                            keep = cfg.heatmap_examples if ev.kind == "external" else 0
+                            pred = predict(
+                                model,
+                                method,
+                                to_records(ev.frame, classes),
+                                tcfg.size,
+                                keep_examples=keep,
+                            )
+                            result = evaluate(
+                                pred.probs,
+                                pred.labels,
+                                _groups(ev.frame),
+                                classes,
+                                n_boot=cfg.n_boot,
+                                seed=seed,
+                            )
+                            metrics = result.as_dict()
+                            for name, values in pred.relevance.items():
+                                metrics[name] = float(np.nanmean(values))
+                            with tracker.evaluation_run(
+                                tr.run_id, model_id, ev.name, ev.kind, ev.frame
+                            ) as er:
+                                er.log_metrics(metrics)
+                                er.log_predictions(pred.probs, pred.labels, classes)
+                            rows.append(
+                                {
+                                    "fold": fold.name,
+                                    "method": spec.display,
+                                    "seed": seed,
+                                    "dataset": ev.name,
+                                    "kind": ev.kind,
+                                    "n_images": result.n_images,
+                                    **metrics,
+                                }
+                            )
+                            probs_by[(fold.name, spec.display, seed, ev.name)] = pred
+                            if keep and pred.examples:
+                                examples.setdefault(f"{fold.name}/{ev.name}", [])
+                                examples[f"{fold.name}/{ev.name}"].append(
+                                    (spec.display, pred.examples)
+                                )
+                            log(
+                                f"  {spec.display:<24} {ev.name:<24} "
+                                f"AUROC {metrics['auroc_macro']:.3f} "
+                                f"acc {metrics['accuracy']:.3f}"
+                                + (
+                                    f" bg-share {metrics['background_share']:.2f}"
+                                    if "background_share" in metrics
+                                    else ""
+                                )
+                            )
+        results = pd.DataFrame(rows)
+        paired = _paired_tests(cfg, folds, probs_by, classes)
+        report, markdown = _write_evidence(
+            cfg, out, results, paired, probs_by, examples, classes, folds, command, tracker
+        )
+        run_id = tracker.run_id
+        tracker_uri = tracker.uri
+        log(f"study finished in {time.perf_counter() - t0:.0f} s")
+    return StudyResult(out, results, paired, report, markdown, tracker_uri, run_id)
+
+
+def _config_key(tcfg: Any) -> str:
+    import hashlib
+
+    text = json.dumps(asdict(tcfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _train_once(
+    train_fn: Callable[..., Any],
+    tcfg: Any,
+    fold: Fold,
+    classes: Sequence[str],
+    run_dir: Path,
+    log: Callable[[str], None],
+    tag: str,
+) -> list[dict[str, float]]:
+    """Train one model into ``run_dir`` unless a finished one with the same config is there;
+    an interrupted one resumes from its last epoch checkpoint. Returns the per-epoch history."""
+    done = run_dir / "done.json"
+    if done.is_file():
+        log(f"  {tag}: reusing the finished model in {run_dir}")
+        return json.loads(done.read_text())["history"]
+    resume = (run_dir / "checkpoints").is_dir()
+    log(f"  {tag}: {'resuming' if resume else 'training'} ({tcfg.epochs} epochs)")
+    result = train_fn(
+        to_records(fold.train, classes),
+        to_records(fold.val, classes),
+        tcfg,
+        run_dir,
+        num_classes=len(classes),
+        resume=resume,
+        progress=lambda line: log(f"    {tag} {line}"),
+    )
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"history": result.history, "best_metric": result.best_metric}))
+    tmp.replace(done)
+    return result.history
+
+
+def _groups(frame: pd.DataFrame) -> np.ndarray | None:
+    """Patient ids for the bootstrap (None when any row lacks one: each image its own patient)."""
+    ids = frame["patient_id"].astype(str)
+    return None if (ids == "").any() else ids.to_numpy()
+
+
+def _paired_tests(
+    cfg: StudyConfig,
+    folds: Sequence[Fold],
+    preds: dict[tuple[str, str, int, str], Any],
+    classes: Sequence[str],
+) -> pd.DataFrame:
+    """ISNet (each ISNet method) minus each comparator, macro AUROC, paired patient bootstrap,
+    on every non-internal dataset and seed."""
+    from pipeline.eval_metrics import paired_bootstrap
+
+    isnets = [m.display for m in cfg.methods if m.name == "isnet"]
+    others = [m.display for m in cfg.methods if m.name != "isnet"]
+    rows = []
+    for fold in folds:
+        for ev in fold.evals:
+            if ev.kind == "internal":
+                continue
+            for a in isnets:
+                for b in others:
+                    for seed in cfg.seeds:
+                        pa = preds[(fold.name, a, seed, ev.name)]
+                        pb = preds[(fold.name, b, seed, ev.name)]
+                        r = paired_bootstrap(
+                            pa.probs,
+                            pb.probs,
+                            pa.labels,
+                            _groups(ev.frame),
+                            "auroc_macro",
+                            class_names=list(classes),
+                            n_boot=cfg.n_boot,
+                            seed=seed,
+                        )
+                        rows.append(
+                            {
+                                "fold": fold.name,
+                                "dataset": ev.name,
+                                "kind": ev.kind,
+                                "seed": seed,
+                                "isnet": a,
+                                "comparator": b,
+                                "auroc_isnet": r.value_a,
+                                "auroc_comparator": r.value_b,
+                                "difference": r.difference,
+                                "ci_low": r.ci_low,
+                                "ci_high": r.ci_high,
+                                "p_value": r.p_value,
+                            }
+                        )
+    return pd.DataFrame(rows)
+
+
+def _write_evidence(
+    cfg: StudyConfig,
+    out: Path,
+    results: pd.DataFrame,
+    paired: pd.DataFrame,
+    preds: dict[tuple[str, str, int, str], Any],
+    examples: dict[str, list],
+    classes: Sequence[str],
+    folds: Sequence[Fold],
+    command: str,
+    tracker: Any,
+) -> tuple[Path, str]:
+    """results.csv, paired_tests.csv, ROC figures, heatmap grids and report.html, all logged to
+    the study run."""
+    from pipeline.report import plot_heatmap_grid, plot_roc, summarise_runs, write_report
+
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Path] = {}
+    seed = cfg.seeds[0]
+    for fold in folds:
+        for ev in fold.evals:
+            if ev.kind == "internal":
+                continue
+            by_method = {
+                m.display: preds[(fold.name, m.display, seed, ev.name)].probs for m in cfg.methods
+            }
+            labels = preds[(fold.name, cfg.methods[0].display, seed, ev.name)].labels
+            path = fig_dir / f"roc_{fold.name}_{ev.name}.png"
+            figures[f"ROC curves on {ev.name} ({ev.kind}, {fold.name}, seed {seed})"] = plot_roc(
+                by_method, labels, list(classes), path, title=f"{ev.name} ({ev.kind})"
+            )
+    for key, per_method in examples.items():
+        path = fig_dir / f"heatmaps_{key.replace('/', '_')}.png"
+        figures[f"LRP heatmaps on {key} (image, lung mask, each method)"] = plot_heatmap_grid(
+            per_method, path
+        )
+    # one row per (method, dataset, kind): seeds (and folds, for the shared dataset names)
+    # averaged; each fold's external site is a dataset of its own
+    html, markdown = write_report(
+        summarise_runs(results),
+        out,
+        figures=figures,
+        title=f"Study {cfg.name}",
+        command=command,
+        background="background_share",
+        extra_tables={"Paired bootstrap: ISNet minus comparator (macro AUROC)": paired}
+        if len(paired)
+        else None,
+    )
+    results.to_csv(out / "results.csv", index=False)
+    paired.to_csv(out / "paired_tests.csv", index=False)
+    study_run = tracker.study_run()
+    for path in (html, out / "results.csv", out / "paired_tests.csv", *figures.values()):
+        study_run.log_artifact(path)
+    return html, markdown

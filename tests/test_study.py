@@ -1,0 +1,198 @@
+"""A tiny cross-dataset study end to end: real data files, real training, real MLflow stores."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.dicom import CXRReadError
+from pipeline.manifest import load_manifest
+from pipeline.study import StudyConfig, plan_folds, run_study, synthetic_layout
+from pipeline.synthetic import default_sites, make_bias_test_sets, make_dataset
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+TINY_TRAIN = {"size": 32, "epochs": 1, "batch_size": 8, "tune_epochs": 1, "augment": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("study_data")
+    sites = default_sites()
+    kw = {"size": 64, "workers": 1, "progress": False}
+    main = make_dataset(root / "sites", sites, n_per_site=18, seed=0, **kw)
+    bias = make_bias_test_sets(root / "bias", sites[0], n=6, seed=1, **kw)
+    return [main, bias]
+
+
+def _config(manifests: list[Path], methods: list, name: str) -> StudyConfig:
+    return StudyConfig.from_dict(
+        {
+            "name": name,
+            "manifests": [str(m) for m in manifests],
+            "external_sites": ["hospital-c"],
+            "methods": methods,
+            "train": TINY_TRAIN,
+            "n_boot": 10,
+            "heatmap_examples": 2,
+        }
+    )
+
+
+def _copy_data(tiny_data: list[Path], dst: Path) -> list[Path]:
+    """A private copy of the data (the crash test damages a file)."""
+    out = []
+    for m in tiny_data:
+        shutil.copytree(m.parent, dst / m.parent.name)
+        out.append(dst / m.parent.name / m.name)
+    return out
+
+
+def test_layout_defaults_to_biased_sites_for_training(tiny_data):
+    df = pd.concat([load_manifest(m) for m in tiny_data], ignore_index=True)
+    (fold,) = plan_folds(_config(tiny_data, ["standard"], "x"), df)
+    assert synthetic_layout() == {
+        "train_sites": ("hospital-a", "hospital-b"),
+        "external_sites": ("hospital-c",),
+    }
+    assert fold.train_sites == ("hospital-a", "hospital-b")
+    kinds = {e.name: e.kind for e in fold.evals}
+    assert kinds == {
+        "internal-test": "internal",
+        "hospital-c": "external",
+        "hospital-a-biased": "biased",
+        "hospital-a-unbiased": "unbiased",
+        "hospital-a-confounding": "confounding",
+    }
+    assert set(fold.train["split"]) == {"train"} and set(fold.val["split"]) == {"val"}
+    loso = plan_folds(
+        StudyConfig.from_dict({"manifests": [str(tiny_data[0])], "leave_one_site_out": True}),
+        load_manifest(tiny_data[0]),
+    )
+    assert [f.train_sites for f in loso] == [
+        ("hospital-b", "hospital-c"),
+        ("hospital-a", "hospital-c"),
+        ("hospital-a", "hospital-b"),
+    ]
+    with pytest.raises(ValueError, match="no held-out site"):
+        plan_folds(
+            StudyConfig.from_dict({"train_sites": ["hospital-a", "hospital-b", "hospital-c"]}),
+            load_manifest(tiny_data[0]),
+        )
+    with pytest.raises(ValueError, match="unknown study setting"):
+        StudyConfig.from_dict({"method": ["standard"]})
+
+
+def test_tiny_study_into_sqlite_store(tiny_data, tmp_path):
+    cfg = _config(
+        tiny_data, ["standard", {"name": "isnet", "params": {"variant": "selective"}}], "tiny-study"
+    )
+    res = run_study(cfg, tmp_path / "out", command="pytest", log=lambda _: None)
+    client = MlflowClient(res.tracking_uri)
+    exp = client.get_experiment_by_name("tiny-study")
+    runs = client.search_runs([exp.experiment_id])
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
+    by_id = {r.info.run_id: r for r in runs}
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_id for r in parents] == [res.run_id]
+    trains = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == res.run_id]
+    assert sorted(r.data.tags["method"] for r in trains) == ["isnet-selective", "standard"]
+    evals = [r for r in runs if "eval.dataset" in r.data.tags]
+    assert len(evals) == 2 * 5
+    metric_names = None
+    for ev in evals:
+        tags = ev.data.tags
+        assert by_id[tags["mlflow.parentRunId"]].data.tags["method"] == tags["method"]
+        assert tags["train.run_id"] == tags["mlflow.parentRunId"]
+        assert tags["eval.kind"] in {"internal", "external", "biased", "unbiased", "confounding"}
+        names = set(ev.data.metrics)
+        assert "auroc_macro" in names and "background_share" in names
+        metric_names = metric_names or names
+        assert names == metric_names  # identical metric names on every dataset
+        contexts = {i.tags[0].value for i in ev.inputs.dataset_inputs}
+        assert contexts == {"evaluation"}
+        assert "predictions.csv" in {a.path for a in client.list_artifacts(ev.info.run_id)}
+    for tr in trains:
+        assert {i.tags[0].value for i in tr.inputs.dataset_inputs} == {"training"}
+        assert tr.data.tags.get("train.model_id")
+        assert "train_ce" in tr.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(res.run_id)}
+    assert {"report.html", "results.csv", "paired_tests.csv"} <= artifacts
+
+    # results and evidence on disk
+    assert set(res.results["dataset"]) == {
+        e
+        for e in [
+            "internal-test",
+            "hospital-c",
+            "hospital-a-biased",
+            "hospital-a-unbiased",
+            "hospital-a-confounding",
+        ]
+    }
+    assert len(res.paired) == 4  # isnet vs standard on 4 non-internal datasets
+    assert (res.paired["ci_low"] <= res.paired["difference"]).all()
+    html = res.report.read_text()
+    assert "isnet-selective" in html and "hospital-c" in html and "LRP heatmaps" in html
+    assert res.markdown.count("\n") == 3  # header, rule, two methods
+
+    # privacy: no DICOM patient identifier in anything the study wrote or logged
+    df = load_manifest(tiny_data[0])
+    ds = pydicom.dcmread(df.loc[0, "image"], stop_before_pixels=True)
+    secrets = {str(ds.PatientName), str(ds.PatientID), str(ds.AccessionNumber)}
+    local = client.download_artifacts(evals[0].info.run_id, "predictions.csv", str(tmp_path))
+    texts = [html, Path(local).read_text(), (res.out_dir / "results.csv").read_text()]
+    texts += [str(r.data.params) + str(r.data.tags) for r in runs]
+    for text in texts:
+        for secret in secrets:
+            assert secret not in text
+
+
+def test_crash_marks_runs_failed_and_rerun_resumes(tiny_data, tmp_path):
+    manifests = _copy_data(tiny_data, tmp_path / "data")
+    df = load_manifest(manifests[0])
+    victim = Path(df[df["site"] == "hospital-c"]["image"].iloc[0])
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 2])  # truncated mid-pixel data
+    cfg = _config(manifests, ["standard"], "crash-study")
+    with pytest.raises(CXRReadError, match=victim.name):
+        run_study(cfg, tmp_path / "out", command="pytest", log=lambda _: None)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow' / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("crash-study")
+    crashed = client.search_runs([exp.experiment_id])
+    assert "RUNNING" not in {r.info.status for r in crashed}
+    assert "FAILED" in {r.info.status for r in crashed}
+    (parent,) = [r for r in crashed if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED"
+
+    victim.write_bytes(good)
+    lines: list[str] = []
+    res = run_study(cfg, tmp_path / "out", command="pytest", log=lines.append)
+    assert any("reusing the finished model" in line for line in lines)
+    runs = client.search_runs([exp.experiment_id])
+    fresh = [r for r in runs if r.info.run_id not in {c.info.run_id for c in crashed}]
+    assert fresh and all(r.info.status == "FINISHED" for r in fresh)
+    assert res.run_id in {r.info.run_id for r in fresh}
+    assert len(res.results) == 5
+
+
+def test_study_against_real_mlflow_server(tiny_data, tmp_path, mlflow_server, monkeypatch):
+    url = mlflow_server.url()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    cfg = _config(tiny_data, ["standard"], "server-study")
+    res = run_study(cfg, tmp_path / "out", command="pytest", log=lambda _: None)
+    assert res.tracking_uri == url
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name("server-study").experiment_id])
+    assert len(runs) == 1 + 1 + 5 and {r.info.status for r in runs} == {"FINISHED"}
+    assert "report.html" in {a.path for a in client.list_artifacts(res.run_id)}
+    assert not (tmp_path / "out" / "mlflow" / "mlruns.db").exists()
