@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv demo test lint format bench
+.PHONY: venv demo demo-quick test lint format bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/isnet-cxr demo
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/isnet-cxr demo --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -355,15 +355,23 @@ class TrainingRun(RunHandle):
             source_run_id=self.run_id,
             tags={**self.model_tags, "mlflow.user": _user()},
         )
-        with _scoped_tracking_uri(self.tracker.uri):
-            mlflow.pytorch.log_model(
-                model,
-                name=name,
-                model_id=logged.model_id,
-                run_id=self.run_id,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                serialization_format="pickle",
-            )
+        # pickle: the LRP-ready modules are plain torch code; MLflow's warning about it is
+        # documented in docs/study.md instead of printed for every model
+        quiet = logging.getLogger("mlflow.pytorch")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with _scoped_tracking_uri(self.tracker.uri):
+                mlflow.pytorch.log_model(
+                    model,
+                    name=name,
+                    model_id=logged.model_id,
+                    run_id=self.run_id,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                    serialization_format="pickle",
+                )
+        finally:
+            quiet.setLevel(level)
         self.model_id = logged.model_id
         self.client.set_tag(self.run_id, "train.model_id", logged.model_id)
         return logged.model_id

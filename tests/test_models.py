@@ -1,0 +1,99 @@
+"""LRP-ready backbones: make_lrp_ready keeps MONAI outputs and state_dict keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import DenseNet121, resnet18
+from torch import nn
+
+from classification.lrp import check_lrp_ready, lrp_heatmaps
+from classification.models import (
+    LRPReadyResNetBlock,
+    build_backbone,
+    make_lrp_ready,
+)
+
+
+def _same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    for train in (False, True):
+        a.train(train)
+        b.train(train)
+        torch.manual_seed(123)
+        out_a = a(x)
+        torch.manual_seed(123)
+        out_b = b(x)
+        torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: DenseNet121(spatial_dims=2, in_channels=1, out_channels=3, dropout_prob=0.2),
+        lambda: resnet18(spatial_dims=2, n_input_channels=1, num_classes=3),
+    ],
+    ids=["densenet121", "resnet18"],
+)
+def test_make_lrp_ready_keeps_monai_outputs(factory):
+    torch.manual_seed(0)
+    original = factory()
+    ready = make_lrp_ready(original)
+    assert list(ready.state_dict()) == list(original.state_dict())
+    x = torch.rand(2, 1, 32, 32)
+    check_lrp_ready(ready, x[:1])
+    _same_outputs(original, ready, x)
+    relus = [m for m in ready.modules() if isinstance(m, nn.ReLU)]
+    assert relus and all(not r.inplace for r in relus)
+    assert len({id(r) for r in relus}) == len(relus)
+
+
+def test_resnet_blocks_get_two_relus():
+    ready = make_lrp_ready(resnet18(spatial_dims=2, n_input_channels=1, num_classes=2))
+    blocks = [m for m in ready.modules() if isinstance(m, LRPReadyResNetBlock)]
+    assert len(blocks) == 8
+    assert all(b.act is not b.act2 for b in blocks)
+    # the unconverted MONAI model reuses its block ReLUs: refused
+    with pytest.raises(Exception, match="more than once|in-place"):
+        check_lrp_ready(resnet18(spatial_dims=2, n_input_channels=1), torch.rand(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("small_cnn", 64), ("small_cnn", 128), ("resnet18", 64), ("densenet121", 64)]
+)
+def test_build_backbone(name, size):
+    torch.manual_seed(0)
+    net = build_backbone(name, num_classes=3, in_channels=1, dropout=0.3)
+    x = torch.rand(2, 1, size, size)
+    net.eval()
+    assert net(x).shape == (2, 3)
+    check_lrp_ready(net, x[:1])
+    dropouts = [m for m in net.modules() if isinstance(m, nn.Dropout)]
+    assert any(d.p == 0.3 for d in dropouts)
+    _, R = lrp_heatmaps(net, x, lambda lg: lg[:, :1])
+    assert R.shape == (2, 1, 1, size, size) and torch.isfinite(R).all()
+
+
+def test_build_backbone_rejects_unknown_name():
+    with pytest.raises(ValueError, match="unknown backbone 'vgg'"):
+        build_backbone("vgg", 2)
+    with pytest.raises(ValueError, match="dropout"):
+        build_backbone("small_cnn", 2, dropout=1.0)
+
+
+def test_make_lrp_ready_refuses_non_relu_resnet_naming_the_module():
+    net = resnet18(spatial_dims=2, n_input_channels=1, act=("leakyrelu", {"inplace": False}))
+    with pytest.raises(Exception, match=r"module 'act' is LeakyReLU"):
+        make_lrp_ready(net)
+
+
+def test_maxpool2x2_equals_nn_maxpool():
+    from classification.models import MaxPool2x2
+
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64, requires_grad=True)
+    ref = nn.MaxPool2d(2)(x)
+    out = MaxPool2x2()(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(out, x, g)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
