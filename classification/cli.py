@@ -40,10 +40,13 @@ def train_command(
     ),
     tune_epochs: int = typer.Option(5, help="ISNet: epochs of the plain network for tuning."),
     augment: bool = typer.Option(True, help="Light geometric/intensity augmentation."),
-    out: Path = typer.Option(..., help="Output folder (best_model.pt, checkpoints, ...)."),
+    out: Path = typer.Option(
+        ..., help="Output folder (best_model.pt + model.json, checkpoints, ...)."
+    ),
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
 ) -> None:
     """Train a classifier; prints one line per epoch and where the best model is."""
+    from classification.model_card import write_model_card
     from classification.train import TrainConfig, load_splits, train
 
     def fail(message: str) -> None:
@@ -96,7 +99,19 @@ def train_command(
     except ValueError as e:
         fail(str(e))
     (out / "classes.json").write_text(json.dumps(splits["classes"]))
+    card_params = dict(method_params)
+    if result.constants is not None:
+        card_params.update(C1=float(result.constants[0]), C2=float(result.constants[1]))
+    card = write_model_card(
+        result.best_model,
+        backbone=backbone,
+        size=size,
+        in_channels=cfg.in_channels,
+        classes=splits["classes"],
+        method=key,
+        method_params=card_params,
+    )
     if result.constants is not None:
         typer.echo(f"ISNet constants: C1={result.constants[0]:.4g} C2={result.constants[1]:.4g}")
     best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
-    typer.echo(f"best val_acc {best}; model: {result.best_model}")
+    typer.echo(f"best val_acc {best}; model: {result.best_model} (card: {card.name})")

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from classification.cli import train_app
+from pipeline.batch_cli import batch_app
 from segmentation.cli import seg_app
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ data_app = typer.Typer(help="Make, check and look at datasets.", no_args_is_help
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(seg_app, name="seg")
+app.add_typer(batch_app, name="batch")
 study_app = typer.Typer(help="Cross-dataset generalisation studies.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
 

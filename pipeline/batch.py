@@ -1,0 +1,991 @@
+"""Resumable batch runs: a folder tree of chest X-rays + a trained classifier -> a results table.
+
+:func:`run_batch` walks the input folders (or a manifest CSV), and for every chunk of
+``batch_size`` files:
+
+1. reads each file with :class:`pipeline.dicom.LoadCXR` (i.e. :func:`~pipeline.dicom.load_cxr`);
+   a file that cannot be read goes to ``errors.csv`` with the reason, a second copy of an image
+   already seen (same SOPInstanceUID) is reported as a duplicate, index files (``DICOMDIR``) and
+   hidden files are reported as skipped;
+2. segments the lungs with the segmentation stage (:func:`segmentation.infer.infer_postprocessing`:
+   the same resize, post-processing and quality flags as ``isnet-cxr seg predict``);
+3. classifies with the model described by its card (``model.json``): the image resized to
+   ``size x size``; a ``segment_then_classify`` model is fed the image times the predicted mask;
+4. explains the predicted class with LRP-epsilon (:func:`classification.explain.explain`),
+   writes ``overlays/<pseudo_id>.png`` and the share of relevance outside the predicted lungs;
+5. appends the chunk's rows to ``predictions.csv`` and ``errors.csv`` (one write of complete
+   rows, then ``fsync``), so a crash loses at most the chunk in flight.
+
+A re-run with the same output folder resumes: a file already in either table with the same
+relative path, size and modification time is skipped. ``summary.json`` is rewritten at the end.
+
+Output folder::
+
+    predictions.csv   pseudo_id, rel_path, modality, view_position, body_part, photometric, pred,
+                      prob_<class>..., seg_ok, seg_flags, lung_area_fraction, background_share,
+                      study_pseudo_id, file_size, file_mtime_ns
+    errors.csv        rel_path, kind (unreadable|duplicate|skipped|failed), error, reason,
+                      file_size, file_mtime_ns
+    overlays/         <pseudo_id>.png: the image, the LRP heatmap (red +, blue -), the lung outline
+    summary.json      counts per class, flagged masks, errors per kind; no paths, no identifiers
+
+Privacy: ``pseudo_id`` is a keyed hash (HMAC-SHA256 under the installation secret) of the
+image's SOPInstanceUID (or of the file's bytes when it has none): one id per image, not
+reversible without the secret. ``study_pseudo_id`` is the loader's patient+study pseudonym.
+No PatientName, PatientID, BirthDate or AccessionNumber is written anywhere. ``rel_path`` is the
+researcher's own file path: if folder or file names hold patient names (some PACS exports do),
+drop that column before sharing; the run counts such paths and warns (``paths_with_identifiers``).
+
+The bottom of the module holds the factories of the classifier's inference bundle
+(``configs/inference.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.settings import Settings
+
+__all__ = [
+    "BatchInputError",
+    "BatchSummary",
+    "ERROR_COLUMNS",
+    "ImageIdentity",
+    "InputFile",
+    "ProbabilityWriter",
+    "bundle_datalist",
+    "bundle_preprocessing",
+    "collect_inputs",
+    "heatmap_overlay_rgb",
+    "image_identity",
+    "prediction_columns",
+    "run_batch",
+]
+
+DEFAULT_SEG_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "seg_unet_synthetic.pt"
+PREDICTIONS = "predictions.csv"
+ERRORS = "errors.csv"
+SUMMARY = "summary.json"
+OVERLAYS = "overlays"
+ERROR_COLUMNS = ("rel_path", "kind", "error", "reason", "file_size", "file_mtime_ns")
+KEY_COLUMNS = ("file_size", "file_mtime_ns")
+# Files of a PACS export that are not images: reported as skipped, never read as images.
+INDEX_FILE_NAMES = frozenset({"dicomdir", "thumbs.db", "desktop.ini", ".ds_store"})
+MASK_OUTLINE_RGB = (255.0, 220.0, 0.0)  # yellow: apart from the heatmap's red and blue
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
+_IDENTIFIER_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
+
+
+class BatchInputError(ValueError):
+    """The inputs or the output folder cannot be used (the message says which and what to do)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file of the input tree: its absolute ``path``, ``rel_path`` (POSIX, relative to its
+    input root), and the ``size``/``mtime_ns`` that, with ``rel_path``, key it for resuming."""
+
+    path: Path
+    rel_path: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.rel_path, str(self.size), str(self.mtime_ns))
+
+
+def _input_file(path: Path, rel: str) -> InputFile:
+    st = path.stat()
+    return InputFile(path=path, rel_path=rel, size=int(st.st_size), mtime_ns=int(st.st_mtime_ns))
+
+
+def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if exclude is not None:
+            dirnames[:] = [d for d in dirnames if (here / d).resolve() != exclude]
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield here / name
+
+
+def _manifest_files(csv_path: Path) -> list[tuple[Path, str]]:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises many types for a bad CSV
+        raise BatchInputError(f"{csv_path}: not a readable CSV ({type(exc).__name__})") from exc
+    if "image" not in df.columns:
+        raise BatchInputError(
+            f"{csv_path}: a manifest needs an 'image' column (paths relative to the CSV's "
+            f"folder); found columns {list(df.columns)}"
+        )
+    base = csv_path.parent.resolve()
+    out = []
+    for i, value in enumerate(df["image"], start=2):  # row 1 is the header
+        if not value.strip():
+            raise BatchInputError(f"{csv_path}: row {i} has an empty 'image' cell")
+        path = Path(value)
+        path = path if path.is_absolute() else base / path
+        out.append((path, os.path.relpath(path, base).replace(os.sep, "/")))
+    return out
+
+
+def collect_inputs(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    exclude: str | os.PathLike | None = None,
+) -> list[InputFile]:
+    """Every file under the inputs, sorted by ``rel_path``.
+
+    Args:
+        inputs: folders (searched recursively, every file: PACS exports often have no file
+            extensions), manifest CSVs (their ``image`` column, relative to the CSV), or files.
+            With one folder, ``rel_path`` is relative to it; with several inputs it starts with
+            the input's name (``export1/IM0001``).
+        exclude: a folder to leave out (the run's own output folder).
+
+    Raises:
+        BatchInputError: an input does not exist, names collide, or nothing was found.
+    """
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not items:
+        raise BatchInputError("no input given: pass folders of DICOM files or a manifest CSV")
+    roots = [Path(p).expanduser() for p in items]
+    missing = [str(p) for p in roots if not p.exists()]
+    if missing:
+        raise BatchInputError(f"input not found: {', '.join(missing)}")
+    names = [p.resolve().name for p in roots]
+    if len(roots) > 1 and len(set(names)) != len(names):
+        raise BatchInputError(
+            f"inputs {', '.join(map(str, roots))} have the same folder/file name; results are "
+            "keyed by '<input name>/<path inside it>': rename one or run them separately"
+        )
+    skip = Path(exclude).resolve() if exclude is not None else None
+    found: dict[str, InputFile] = {}
+    for root, name in zip(roots, names, strict=True):
+        prefix = f"{name}/" if len(roots) > 1 else ""
+        if root.is_dir():
+            pairs = [(p, p.relative_to(root).as_posix()) for p in _walk(root, skip)]
+        elif root.suffix.lower() == ".csv":
+            pairs = _manifest_files(root)
+            absent = [str(p) for p, _ in pairs if not p.is_file()]
+            if absent:
+                raise BatchInputError(
+                    f"{root}: {len(absent)} image(s) listed in the manifest do not exist "
+                    f"(first: {absent[0]}); fix the paths (relative to the CSV's folder)"
+                )
+        else:
+            pairs = [(root, root.name)]
+        for path, rel in pairs:
+            found.setdefault(prefix + rel, _input_file(path.resolve(), prefix + rel))
+    if not found:
+        raise BatchInputError(
+            f"no files found in {', '.join(map(str, roots))}: point at the folder holding the "
+            "DICOM files (searched recursively) or at a manifest CSV with an 'image' column"
+        )
+    return [found[k] for k in sorted(found)]
+
+
+# --------------------------------------------------------------------------------------------
+# Image identity: pseudonymous id, duplicates, identifiers in paths
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageIdentity:
+    """``pseudo_id``: ``"img-" + 16 hex`` keyed hash of the SOPInstanceUID (``from_uid``) or of
+    the file's bytes. ``identifiers``: lower-cased patient identifier values of the header (kept
+    in memory only, to warn when a file path contains them)."""
+
+    pseudo_id: str
+    from_uid: bool
+    identifiers: tuple[str, ...] = ()
+
+
+def _keyed(secret: bytes, kind: bytes, payload: bytes) -> str:
+    return "img-" + hmac.new(secret, kind + b"\x00" + payload, hashlib.sha256).hexdigest()[:16]
+
+
+def _identifier_tokens(ds: Any) -> tuple[str, ...]:
+    tokens: set[str] = set()
+    for keyword in _IDENTIFIER_KEYWORDS:
+        value = str(ds.get(keyword, "") or "").strip().lower()
+        if not value:
+            continue
+        parts = [value] + [p for p in value.replace("^", " ").split() if p]
+        tokens.update(p for p in parts if len(p) >= 4)
+    return tuple(sorted(tokens))
+
+
+def image_identity(path: str | os.PathLike, secret: bytes) -> ImageIdentity:
+    """The pseudonymous id of one image (reads the DICOM header only, or hashes the file)."""
+    import pydicom
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    except Exception:  # not DICOM or unreadable header: load_cxr reports the reason
+        ds, uid = None, ""
+    if uid:
+        return ImageIdentity(_keyed(secret, b"sop", uid.encode()), True, _identifier_tokens(ds))
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    tokens = _identifier_tokens(ds) if ds is not None else ()
+    return ImageIdentity(_keyed(secret, b"file", digest.digest()), False, tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Result tables (append complete rows + fsync; resume from what is on disk)
+# --------------------------------------------------------------------------------------------
+
+
+def prediction_columns(classes: Sequence[str]) -> list[str]:
+    """The header of ``predictions.csv`` for a model with these class names."""
+    return [
+        "pseudo_id",
+        "rel_path",
+        "modality",
+        "view_position",
+        "body_part",
+        "photometric",
+        "pred",
+        *[f"prob_{c}" for c in classes],
+        "seg_ok",
+        "seg_flags",
+        "lung_area_fraction",
+        "background_share",
+        "study_pseudo_id",
+        *KEY_COLUMNS,
+    ]
+
+
+class _Table:
+    """A CSV file that only grows by whole rows.
+
+    On open (resume), a torn last line (no newline: the process died inside a write) is cut
+    off, and the header must match ``columns``.
+    """
+
+    def __init__(self, path: Path, columns: Sequence[str], *, resume: bool) -> None:
+        self.path = path
+        self.columns = list(columns)
+        self.rows: list[dict[str, str]] = []
+        if resume and path.is_file() and path.stat().st_size > 0:
+            self._repair()
+            with path.open(newline="") as fh:
+                reader = csv.DictReader(fh)
+                if list(reader.fieldnames or []) != self.columns:
+                    raise BatchInputError(
+                        f"{path} has columns {reader.fieldnames}, expected {self.columns}: it was "
+                        "written by another model or version. Use a new --out folder, or "
+                        "--no-resume to start this one again."
+                    )
+                self.rows = list(reader)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._write(self._encode([self.columns]), mode="w")
+
+    def _repair(self) -> None:
+        data = self.path.read_bytes()
+        if data.endswith(b"\n"):
+            return
+        with self.path.open("r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    @staticmethod
+    def _encode(rows: Iterable[Sequence[str]]) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerows(rows)
+        return buf.getvalue()
+
+    def _write(self, text: str, mode: str = "a") -> None:
+        with self.path.open(mode, newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def append(self, rows: Sequence[dict[str, str]]) -> None:
+        """Append complete rows in one write, then fsync."""
+        if rows:
+            self._write(self._encode([[r[c] for c in self.columns] for r in rows]))
+            self.rows.extend(rows)
+
+    def drop_stale(self, current: dict[str, tuple[str, str, str]]) -> int:
+        """Remove rows of files that changed since (same ``rel_path``, other size/mtime): the
+        file is processed again. Rewrites the table atomically (tmp + rename)."""
+        keep = [r for r in self.rows if current.get(r["rel_path"], _row_key(r)) == _row_key(r)]
+        dropped = len(self.rows) - len(keep)
+        if dropped:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            body = [self.columns] + [[r[c] for c in self.columns] for r in keep]
+            with tmp.open("w", newline="") as fh:
+                fh.write(self._encode(body))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+            self.rows = keep
+        return dropped
+
+    def keys(self) -> set[tuple[str, str, str]]:
+        return {_row_key(r) for r in self.rows}
+
+
+def _row_key(row: dict[str, str]) -> tuple[str, str, str]:
+    return (row["rel_path"], row["file_size"], row["file_mtime_ns"])
+
+
+# --------------------------------------------------------------------------------------------
+# The models of a run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Models:
+    """Segmentation network + post-processing, and the classifier with its card and method."""
+
+    seg_net: torch.nn.Module
+    seg_pre: Any
+    seg_post: Any
+    classifier: torch.nn.Module
+    card: Any
+    method: Any
+    device: torch.device
+
+    @classmethod
+    def load(cls, model: Path, seg_checkpoint: Path, device: str) -> _Models:
+        from monai.transforms import Compose
+
+        from classification.model_card import load_model
+        from segmentation.data import resize_normalise
+        from segmentation.infer import infer_postprocessing
+        from segmentation.model import load_seg_model
+
+        classifier, card = load_model(model, device=device)
+        seg_net, spec = load_seg_model(seg_checkpoint, device=device)
+        pre = Compose(resize_normalise(spec.spatial_size, False))
+        return cls(
+            seg_net=seg_net,
+            seg_pre=pre,
+            seg_post=infer_postprocessing(pre),
+            classifier=classifier,
+            card=card,
+            method=card.build_method(),
+            device=torch.device(device),
+        )
+
+
+@dataclass
+class _Loaded:
+    file: InputFile
+    identity: ImageIdentity
+    image: Any  # MetaTensor [1, H, W] in [0, 1]
+
+
+def _meta_text(meta: dict[str, Any], key: str) -> str:
+    value = meta.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def _fmt(value: float) -> str:
+    return "" if not math.isfinite(value) else f"{value:.6f}"
+
+
+@torch.no_grad()
+def _segment(models: _Models, items: Sequence[_Loaded]) -> list[dict[str, Any]]:
+    """Lung masks at the original size: ``seg`` bool ``[H, W]`` and ``quality`` dicts."""
+    pre = [models.seg_pre({"image": it.image}) for it in items]
+    x = torch.stack([p["image"].as_tensor() for p in pre]).to(models.device)  # [B, 1, h, w]
+    logits = models.seg_net(x).cpu()
+    return [models.seg_post({"image": p["image"], "pred": logits[i]}) for i, p in enumerate(pre)]
+
+
+def _classifier_inputs(
+    models: _Models, items: Sequence[_Loaded], masks: Sequence[np.ndarray]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[B, C, S, S]`` (area-resized, as in training) and masks ``[B, 1, S, S]``."""
+    s = models.card.size
+    imgs = torch.stack(
+        [
+            F.interpolate(it.image.as_tensor()[None].float(), size=(s, s), mode="area")[0]
+            for it in items
+        ]
+    )
+    m = torch.stack(
+        [
+            F.interpolate(
+                torch.from_numpy(mk[None, None].astype(np.float32)), (s, s), mode="nearest"
+            )[0]
+            for mk in masks
+        ]
+    )
+    if models.card.in_channels > 1:
+        imgs = imgs.repeat(1, models.card.in_channels, 1, 1)
+    return imgs.to(models.device), m.to(models.device)
+
+
+def _infer(
+    models: _Models, items: Sequence[_Loaded], heatmaps: bool, overlay_dir: Path, max_side: int
+) -> list[dict[str, str]]:
+    """Segment, classify and explain ``items``; write overlays; return prediction rows."""
+    from classification.explain import explain
+    from classification.metrics import background_share
+
+    segs = _segment(models, items)
+    masks = [np.asarray(s["seg"], dtype=bool) for s in segs]
+    images, mask_t = _classifier_inputs(models, items, masks)
+    x = models.method.prepare_inputs(images, mask_t)
+    with torch.no_grad():
+        probs = torch.softmax(models.classifier(x), dim=1).cpu().double().numpy()
+    bg = np.full(len(items), np.nan)
+    if heatmaps:
+        heat = explain(models.classifier, x).cpu()  # [B, 1, S, S]
+        bg = background_share(heat, mask_t.cpu()).numpy()
+        for i, it in enumerate(items):
+            _save_png(
+                heatmap_overlay_rgb(
+                    it.image.as_tensor()[0].numpy(), heat[i, 0].numpy(), masks[i], max_side
+                ),
+                overlay_dir / f"{it.identity.pseudo_id}.png",
+            )
+    classes = models.card.classes
+    rows = []
+    for i, it in enumerate(items):
+        meta, q = it.image.meta, segs[i]["quality"]
+        row = {
+            "pseudo_id": it.identity.pseudo_id,
+            "rel_path": it.file.rel_path,
+            "modality": _meta_text(meta, "modality"),
+            "view_position": _meta_text(meta, "view_position"),
+            "body_part": _meta_text(meta, "body_part"),
+            "photometric": _meta_text(meta, "photometric"),
+            "pred": classes[int(np.argmax(probs[i]))],
+            "seg_ok": str(bool(q["ok"])),
+            "seg_flags": ";".join(q["flags"]),
+            "lung_area_fraction": _fmt(float(q["area_fraction"])),
+            "background_share": _fmt(float(bg[i])),
+            "study_pseudo_id": _meta_text(meta, "pseudo_id"),
+            "file_size": str(it.file.size),
+            "file_mtime_ns": str(it.file.mtime_ns),
+        }
+        row.update({f"prob_{c}": _fmt(float(probs[i, k])) for k, c in enumerate(classes)})
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Overlays
+# --------------------------------------------------------------------------------------------
+
+
+def heatmap_overlay_rgb(
+    image: np.ndarray, heatmap: np.ndarray, mask: np.ndarray | None = None, max_side: int = 512
+) -> np.ndarray:
+    """A radiograph with its LRP heatmap and lung outline, uint8 RGB ``[h, w, 3]``.
+
+    Args:
+        image: ``[H, W]`` in [0, 1].
+        heatmap: ``[h, w]`` relevance at the network size (resized to the display size);
+            positive relevance in red, negative in blue, scaled by the 99.5th percentile of
+            ``|R|`` and blended over the image.
+        mask: optional bool ``[H, W]`` lung mask, outlined in :data:`MASK_OUTLINE_RGB`.
+        max_side: the display's long side (the image is only ever shrunk).
+    """
+    from skimage.segmentation import find_boundaries
+
+    h, w = image.shape
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    img = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None], size, mode="area"
+    )[0, 0]
+    hm = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(heatmap, np.float32))[None, None],
+        size,
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0].numpy()
+    small_mask = None
+    if mask is not None:
+        small_mask = (
+            F.interpolate(
+                torch.from_numpy(mask.astype(np.float32))[None, None], size, mode="nearest"
+            )[0, 0].numpy()
+            > 0.5
+        )
+    grey = np.clip(img.numpy(), 0.0, 1.0) * 255.0
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    ref = float(np.percentile(np.abs(hm), 99.5)) if hm.size else 0.0
+    if ref > 0:
+        r = np.clip(hm / ref, -1.0, 1.0)
+        alpha = 0.6 * np.abs(r)[..., None]
+        colour = np.where(r[..., None] >= 0, [255.0, 0.0, 0.0], [0.0, 64.0, 255.0])
+        rgb = (1.0 - alpha) * rgb + alpha * colour
+    if small_mask is not None:
+        rgb[find_boundaries(small_mask, mode="inner")] = MASK_OUTLINE_RGB
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def _save_png(rgb: np.ndarray, path: Path) -> None:
+    """Write a PNG atomically (tmp + rename); no text chunks, so no metadata."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(rgb).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchSummary:
+    """What a run did and where its outputs are (``to_dict`` is what ``summary.json`` holds,
+    without the paths)."""
+
+    out_dir: Path
+    files_found: int
+    processed_now: int
+    already_done: int
+    predictions: int
+    per_class: dict[str, int]
+    seg_flagged: int
+    seg_flags: dict[str, int]
+    non_chest: int
+    errors: int
+    errors_by_kind: dict[str, int]
+    paths_with_identifiers: int
+    changed_files: int
+    heatmaps: bool
+    model: dict[str, Any]
+    seconds: float
+    files_per_second: float
+    complete: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def predictions_csv(self) -> Path:
+        return self.out_dir / PREDICTIONS
+
+    @property
+    def errors_csv(self) -> Path:
+        return self.out_dir / ERRORS
+
+    @property
+    def summary_json(self) -> Path:
+        return self.out_dir / SUMMARY
+
+    @property
+    def overlays_dir(self) -> Path:
+        return self.out_dir / OVERLAYS
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("out_dir")
+        return d
+
+
+def _error_row(f: InputFile, kind: str, error: str, reason: str) -> dict[str, str]:
+    return {
+        "rel_path": f.rel_path,
+        "kind": kind,
+        "error": error,
+        "reason": reason,
+        "file_size": str(f.size),
+        "file_mtime_ns": str(f.mtime_ns),
+    }
+
+
+def _is_chest(body_part: str) -> bool:
+    bp = body_part.strip().upper()
+    return not bp or any(k in bp for k in CHEST_BODY_PARTS)
+
+
+def _chunks(seq: Sequence[InputFile], n: int) -> Iterator[Sequence[InputFile]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+def _fresh_start(out: Path) -> None:
+    for name in (PREDICTIONS, ERRORS, SUMMARY):
+        (out / name).unlink(missing_ok=True)
+    if (out / OVERLAYS).is_dir():
+        for png in (out / OVERLAYS).glob("*.png"):
+            png.unlink()
+
+
+def _model_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def run_batch(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    model: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    seg_checkpoint: str | os.PathLike = DEFAULT_SEG_CHECKPOINT,
+    batch_size: int = 16,
+    heatmaps: bool = True,
+    resume: bool = True,
+    progress: bool = True,
+    max_files: int | None = None,
+    device: str = "cpu",
+    overlay_side: int = 512,
+    settings: Settings | None = None,
+) -> BatchSummary:
+    """Predict, segment and explain every image under ``inputs``; see the module docstring.
+
+    Args:
+        inputs: folder(s) (recursive), manifest CSV(s) with an ``image`` column, or files.
+        model: classifier checkpoint with ``model.json`` beside it.
+        out_dir: output folder (created; ``predictions.csv``, ``errors.csv``, ``overlays/``,
+            ``summary.json``). May lie inside an input folder: it is never read as input.
+        seg_checkpoint: lung segmentation checkpoint (default: the committed synthetic U-Net).
+        batch_size: files per chunk (network batch and unit of saving).
+        heatmaps: explain with LRP, write overlays and ``background_share``.
+        resume: skip files already in the tables; ``False`` deletes previous results first.
+        progress: a tqdm bar on stderr (files/s, ETA).
+        max_files: process at most this many new files, then stop (``complete=False``).
+        device: torch device for both networks.
+        overlay_side: long side of the overlay PNGs.
+        settings: where the pseudonymisation secret lives (default from the environment).
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``model`` or ``seg_checkpoint``.
+        classification.model_card.ModelCardError: no usable ``model.json`` beside ``model``.
+        BatchInputError: missing/empty inputs, or result tables written by another model.
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline.dicom import CXRReadError, LoadCXR
+
+    if batch_size < 1:
+        raise BatchInputError(f"batch_size must be >= 1, got {batch_size}")
+    t0 = time.perf_counter()
+    model, out = Path(model), Path(out_dir)
+    models = _Models.load(model, Path(seg_checkpoint), device)  # fails early on a bad model
+    files = collect_inputs(inputs, exclude=out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _fresh_start(out)
+    classes = list(models.card.classes)
+    preds = _Table(out / PREDICTIONS, prediction_columns(classes), resume=resume)
+    errs = _Table(out / ERRORS, ERROR_COLUMNS, resume=resume)
+    current = {f.rel_path: f.key for f in files}
+    changed = preds.drop_stale(current) + errs.drop_stale(current)
+    done = preds.keys() | errs.keys()
+    seen: dict[str, str] = {r["pseudo_id"]: r["rel_path"] for r in preds.rows}
+    todo = [f for f in files if f.key not in done]
+    already = len(files) - len(todo)
+    if max_files is not None:
+        todo = todo[: max(0, int(max_files))]
+    complete = len(todo) == len(files) - already
+
+    settings = settings or Settings.from_env()
+    secret = settings.pseudonym_secret()
+    loader = LoadCXR(settings=settings)
+    overlay_dir = out / OVERLAYS
+    path_warnings = 0
+    bar = tqdm(total=len(todo), unit="file", desc="batch", disable=not progress, smoothing=0.1)
+    for chunk in _chunks(todo, batch_size):
+        loaded: list[_Loaded] = []
+        errors: list[dict[str, str]] = []
+        for f in chunk:
+            if f.path.name.lower() in INDEX_FILE_NAMES or f.path.name.startswith("."):
+                what = "a DICOMDIR index" if f.path.name.upper() == "DICOMDIR" else "a system file"
+                errors.append(_error_row(f, "skipped", "NotAnImage", f"{what}, not an image"))
+                continue
+            try:
+                ident = image_identity(f.path, secret)
+            except OSError as exc:
+                errors.append(
+                    _error_row(f, "unreadable", type(exc).__name__, "cannot open the file")
+                )
+                continue
+            if any(tok in f.rel_path.lower() for tok in ident.identifiers):
+                path_warnings += 1
+            if ident.pseudo_id in seen:
+                same = "SOPInstanceUID" if ident.from_uid else "file content"
+                errors.append(
+                    _error_row(
+                        f, "duplicate", "DuplicateImage", f"same {same} as {seen[ident.pseudo_id]}"
+                    )
+                )
+                continue
+            try:
+                image = loader(f.path)
+            except CXRReadError as exc:
+                errors.append(_error_row(f, "unreadable", type(exc).__name__, exc.reason))
+                continue
+            except Exception as exc:  # never stop the run; the message may quote header values
+                errors.append(
+                    _error_row(
+                        f, "unreadable", type(exc).__name__, "unexpected error while reading"
+                    )
+                )
+                continue
+            seen[ident.pseudo_id] = f.rel_path
+            loaded.append(_Loaded(f, ident, image))
+        rows = _infer_robust(models, loaded, heatmaps, overlay_dir, overlay_side, errors)
+        preds.append(rows)
+        errs.append(errors)
+        bar.update(len(chunk))
+        bar.set_postfix(errors=len(errs.rows), refresh=False)
+    bar.close()
+
+    seconds = time.perf_counter() - t0
+    summary = _summarise(
+        out, preds.rows, errs.rows, classes, len(files), len(todo), already, heatmaps, complete
+    )
+    summary.paths_with_identifiers = path_warnings
+    summary.changed_files = changed
+    summary.model = {**models.card.to_dict(), "checkpoint_sha256": _model_sha256(model)}
+    summary.seconds = round(seconds, 3)
+    summary.files_per_second = round(len(todo) / seconds, 3) if seconds > 0 else 0.0
+    if path_warnings:
+        summary.notes.append(
+            f"{path_warnings} file path(s) contain the patient's name, id, birth date or "
+            "accession number from their own header: remove the rel_path column of "
+            "predictions.csv before sharing it"
+        )
+    tmp = out / f".{SUMMARY}.tmp"
+    tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    os.replace(tmp, out / SUMMARY)
+    return summary
+
+
+def _infer_robust(
+    models: _Models,
+    loaded: Sequence[_Loaded],
+    heatmaps: bool,
+    overlay_dir: Path,
+    max_side: int,
+    errors: list[dict[str, str]],
+) -> list[dict[str, str]]:
+    """:func:`_infer` on the chunk; if it fails, image by image (a failing one -> ``errors``)."""
+    if not loaded:
+        return []
+    try:
+        return _infer(models, loaded, heatmaps, overlay_dir, max_side)
+    except Exception:  # one odd image must not cost the chunk: retry one by one
+        pass
+    rows = []
+    for item in loaded:
+        try:
+            rows.extend(_infer(models, [item], heatmaps, overlay_dir, max_side))
+        except Exception as exc:
+            errors.append(
+                _error_row(
+                    item.file, "failed", type(exc).__name__, "segmentation/classification failed"
+                )
+            )
+    return rows
+
+
+def _summarise(
+    out: Path,
+    pred_rows: Sequence[dict[str, str]],
+    err_rows: Sequence[dict[str, str]],
+    classes: Sequence[str],
+    found: int,
+    now: int,
+    already: int,
+    heatmaps: bool,
+    complete: bool,
+) -> BatchSummary:
+    per_class = Counter(r["pred"] for r in pred_rows)
+    flags = Counter(f for r in pred_rows for f in r["seg_flags"].split(";") if f)
+    return BatchSummary(
+        out_dir=out,
+        files_found=found,
+        processed_now=now,
+        already_done=already,
+        predictions=len(pred_rows),
+        per_class={c: int(per_class.get(c, 0)) for c in classes},
+        seg_flagged=sum(r["seg_ok"] != "True" for r in pred_rows),
+        seg_flags=dict(sorted(flags.items())),
+        non_chest=sum(not _is_chest(r["body_part"]) for r in pred_rows),
+        errors=len(err_rows),
+        errors_by_kind=dict(sorted(Counter(r["kind"] for r in err_rows).items())),
+        paths_with_identifiers=0,
+        changed_files=0,
+        heatmaps=heatmaps,
+        model={},
+        seconds=0.0,
+        files_per_second=0.0,
+        complete=complete,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Factories of the classifier's inference bundle (configs/inference.json)
+# --------------------------------------------------------------------------------------------
+
+
+def _needs_mask_input(card: Any) -> bool:
+    """Whether the card's method feeds the network a masked image (segment-then-classify)."""
+    try:
+        card.build_method().prepare_inputs(torch.zeros(1, 1, 2, 2), None)
+    except ValueError:
+        return True
+    return False
+
+
+def bundle_datalist(dataset_dir: str | os.PathLike, card: Any) -> list[dict[str, str]]:
+    """Data dicts ``{"image", "source"[, "mask"]}`` for the inference bundle.
+
+    ``dataset_dir`` is a folder of images, a folder with ``manifest.csv``, a manifest CSV or one
+    image (:func:`segmentation.infer.list_images`). A model whose method feeds the network the
+    lung-masked image (``segment_then_classify``) needs a manifest with a ``mask`` column;
+    :func:`run_batch` predicts the masks itself instead.
+    """
+    from segmentation.infer import list_images
+
+    if not _needs_mask_input(card):
+        return list_images(dataset_dir)
+    import pandas as pd
+
+    path = Path(dataset_dir)
+    csv_path = path / "manifest.csv" if path.is_dir() else path
+    if csv_path.suffix.lower() != ".csv" or not csv_path.is_file():
+        raise BatchInputError(
+            f"the model was trained with method '{card.method}', which classifies the lung-masked "
+            f"image; {dataset_dir} has no manifest.csv with a 'mask' column. Give one, or use "
+            "`isnet-cxr batch run`, which segments the lungs itself"
+        )
+    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    if "mask" not in df.columns or not (df["mask"].str.strip() != "").all():
+        raise BatchInputError(
+            f"{csv_path}: method '{card.method}' needs a lung mask for every image ('mask' "
+            "column); fill it with `isnet-cxr seg masks` or use `isnet-cxr batch run`"
+        )
+    base = csv_path.parent.resolve()
+    return [
+        {"image": str(base / i), "source": str(base / i), "mask": str(base / m)}
+        for i, m in zip(df["image"], df["mask"], strict=True)
+    ]
+
+
+def bundle_preprocessing(card: Any) -> Any:
+    """Inference chain of the classifier: read (:class:`pipeline.dicom.LoadCXRd`), area-resize
+    to ``card.size`` (as in training), mask for segment-then-classify, repeat channels.
+
+    Output ``image``: ``MetaTensor [in_channels, S, S]`` float32 (meta kept for the writer).
+    """
+    from monai.transforms import (
+        Compose,
+        EnsureTyped,
+        MaskIntensityd,
+        RepeatChanneld,
+        Resized,
+    )
+
+    from pipeline.dicom import LoadCXRd, LoadMaskd
+
+    size = (card.size, card.size)
+    xs: list[Any] = [LoadCXRd(keys="image"), Resized(keys="image", spatial_size=size, mode="area")]
+    if _needs_mask_input(card):
+        xs += [
+            LoadMaskd(keys="mask"),
+            Resized(keys="mask", spatial_size=size, mode="nearest"),
+            MaskIntensityd(keys="image", mask_key="mask"),
+        ]
+    if card.in_channels > 1:
+        xs.append(RepeatChanneld(keys="image", repeats=card.in_channels))
+    xs.append(EnsureTyped(keys="image", dtype=torch.float32))
+    return Compose(xs)
+
+
+class ProbabilityWriter:
+    """Evaluator handler: per-image probabilities to ``<output_dir>/<filename>``.
+
+    Columns ``pseudo_id, rel_path, pred, prob_<class>...``: the same keyed image id as
+    :func:`run_batch`, the path relative to ``dataset_dir``; no header values. Expects the
+    evaluator's post-processing to put softmax probabilities ``[K]`` in ``pred`` and the data
+    dicts to carry ``source`` (the image path).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        classes: Sequence[str],
+        dataset_dir: str | os.PathLike | None = None,
+        filename: str = "probabilities.csv",
+        settings: Settings | None = None,
+    ) -> None:
+        self.path = Path(output_dir) / filename
+        self.classes = list(classes)
+        self.base = Path(dataset_dir).resolve() if dataset_dir is not None else None
+        if self.base is not None and self.base.is_file():
+            self.base = self.base.parent
+        self.settings = settings
+        self._secret: bytes | None = None
+        self.rows = 0
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write)
+
+    def start(self, engine: Any = None) -> None:
+        self._secret = (self.settings or Settings.from_env()).pseudonym_secret()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header = ["pseudo_id", "rel_path", "pred", *[f"prob_{c}" for c in self.classes]]
+        self.path.write_text(_Table._encode([header]))
+        self.rows = 0
+
+    def _rel(self, src: str) -> str:
+        p = Path(src).resolve()
+        base = self.base or p.parent
+        return os.path.relpath(p, base).replace(os.sep, "/")
+
+    def write(self, engine: Any) -> None:
+        lines = []
+        for item, batch in zip(engine.state.output, engine.state.batch, strict=True):
+            probs = torch.as_tensor(item["pred"]).detach().cpu().double().reshape(-1).numpy()
+            src = str(batch["source"])
+            pid = image_identity(src, self._secret or b"").pseudo_id
+            pred = self.classes[int(np.argmax(probs))]
+            lines.append([pid, self._rel(src), pred, *[_fmt(float(v)) for v in probs]])
+        with self.path.open("a", newline="") as fh:
+            fh.write(_Table._encode(lines))
+        self.rows += len(lines)

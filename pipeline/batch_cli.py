@@ -1,0 +1,105 @@
+"""``isnet-cxr batch run``: classify, segment and explain a folder tree of chest X-rays.
+
+Mount with ``app.add_typer(batch_app, name="batch")``; then
+``isnet-cxr batch run INPUT... --model CKPT --out DIR [--no-heatmaps] [--no-resume]``.
+
+Exit codes: 0 done (unreadable files are listed in ``errors.csv``, they do not fail the run);
+2 bad arguments; 3 the model checkpoint (or segmentation checkpoint) does not exist;
+4 the model has no usable ``model.json``; 5 no input files, or the output folder holds
+results of another model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+EXIT_NO_MODEL = 3
+EXIT_NO_CARD = 4
+EXIT_BAD_INPUT = 5
+
+batch_app = typer.Typer(
+    help="Batch runs over folders of DICOM files (resumable; errors listed, never fatal).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@batch_app.callback()
+def _group() -> None:
+    """Batch runs over folders of DICOM files (resumable; errors listed, never fatal)."""
+
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@batch_app.command("run")
+def run_command(
+    inputs: list[Path] = typer.Argument(
+        ..., help="Folder(s) of DICOM files (searched recursively) or a manifest CSV."
+    ),
+    model: Path = typer.Option(..., help="Classifier checkpoint (model.json beside it)."),
+    out: Path = typer.Option(..., help="Output folder (predictions.csv, errors.csv, ...)."),
+    heatmaps: bool = typer.Option(True, help="LRP heatmap overlays + background share."),
+    resume: bool = typer.Option(True, help="Skip files already in the output tables."),
+    seg_model: Path | None = typer.Option(
+        None, help="Lung segmentation checkpoint (default: the committed synthetic U-Net)."
+    ),
+    batch_size: int = typer.Option(16, min=1, help="Files per chunk (saved after each)."),
+    max_files: int | None = typer.Option(None, min=0, help="Stop after this many new files."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda:0."),
+    progress: bool = typer.Option(True, help="Show a progress bar (files/s, ETA)."),
+) -> None:
+    """Predict every image: class probabilities, lung-mask quality, LRP overlay; then a summary."""
+    from classification.model_card import ModelCardError
+    from pipeline.batch import DEFAULT_SEG_CHECKPOINT, BatchInputError, run_batch
+
+    if not model.is_file():
+        _fail(
+            f"model checkpoint not found: {model} (give the best_model.pt written by "
+            "`isnet-cxr train`)",
+            EXIT_NO_MODEL,
+        )
+    seg = seg_model or DEFAULT_SEG_CHECKPOINT
+    if not Path(seg).is_file():
+        _fail(f"segmentation checkpoint not found: {seg}", EXIT_NO_MODEL)
+    try:
+        summary = run_batch(
+            inputs,
+            model,
+            out,
+            seg_checkpoint=seg,
+            batch_size=batch_size,
+            heatmaps=heatmaps,
+            resume=resume,
+            progress=progress,
+            max_files=max_files,
+            device=device,
+        )
+    except ModelCardError as exc:
+        _fail(str(exc), EXIT_NO_CARD)
+    except FileNotFoundError as exc:
+        _fail(str(exc), EXIT_NO_MODEL)
+    except BatchInputError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+
+    s = summary
+    typer.echo(
+        f"{s.processed_now} file(s) processed now, {s.already_done} already done, "
+        f"{s.files_found} found ({s.files_per_second:.2f} files/s)"
+    )
+    classes = ", ".join(f"{c}: {n}" for c, n in s.per_class.items())
+    typer.echo(f"predictions: {s.predictions} ({classes}); lung mask flagged: {s.seg_flagged}")
+    if s.non_chest:
+        typer.echo(f"not chest by BodyPartExamined: {s.non_chest} (see body_part)")
+    if s.errors:
+        kinds = ", ".join(f"{k}: {n}" for k, n in s.errors_by_kind.items())
+        typer.echo(f"not processed: {s.errors} ({kinds}); reasons in {s.errors_csv}")
+    for note in s.notes:
+        typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
+    if not s.complete:
+        typer.echo("stopped early (--max-files): run the same command again to continue")
+    typer.echo(f"results: {s.predictions_csv}")
