@@ -317,6 +317,7 @@ def run_study(
             models already trained are kept, so running it again resumes.
     """
     from classification.methods import build_method
+    from classification.model_card import write_model_card
     from classification.predict import load_classifier, predict
     from classification.train import TrainConfig, train
     from pipeline.dicom import surfaced_read_errors
@@ -361,6 +362,15 @@ def run_study(
                         for row in history:
                             step = int(row["epoch"])
                             tr.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step)
+                        write_model_card(
+                            run_dir / "best_model.pt",
+                            backbone=tcfg.backbone,
+                            size=tcfg.size,
+                            in_channels=tcfg.in_channels,
+                            classes=classes,
+                            method=spec.name,
+                            method_params=spec.params,
+                        )
                         model = load_classifier(
                             run_dir / "best_model.pt", tcfg.backbone, len(classes)
                         )

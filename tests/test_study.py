@@ -128,7 +128,9 @@ def test_tiny_study_into_sqlite_store(tiny_data, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(res.run_id)}
     assert {"report.html", "results.csv", "paired_tests.csv"} <= artifacts
 
-    # results and evidence on disk
+    # results and evidence on disk; every model has a card for batch runs
+    cards = sorted((res.out_dir / "models").rglob("model.json"))
+    assert len(cards) == 2
     assert set(res.results["dataset"]) == {
         e
         for e in [
