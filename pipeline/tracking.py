@@ -529,7 +529,10 @@ class StudyTracker:
 
         try:
             return self.client.create_experiment(
-                self.name, artifact_location=artifact_root_for(self.uri)
+                self.name,
+                artifact_location=artifact_root_for(self.uri),
+                # the UI then opens on its model-training views, not the GenAI ones
+                tags={"mlflow.experimentKind": "custom_model_development"},
             )
         except MlflowException:  # created meanwhile by a concurrent study of the same name
             exp = self.client.get_experiment_by_name(self.name)

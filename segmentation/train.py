@@ -122,6 +122,8 @@ class ResumableCheckpoint:
         network, optimizer: what to save and restore.
         best: the validation's :class:`BestCheckpoint` (its best score is restored too).
         resume: load ``path`` at start when it exists (``False``: start over, overwrite it).
+        save: write ``path`` after each epoch (``False`` in the other processes of a
+            multi-process run, which load the checkpoint but leave writing it to rank 0).
     """
 
     def __init__(
@@ -131,14 +133,17 @@ class ResumableCheckpoint:
         optimizer: torch.optim.Optimizer,
         best: BestCheckpoint | None = None,
         resume: bool = True,
+        save: bool = True,
     ):
         self.path = Path(path)
         self.network, self.optimizer, self.best, self.resume = network, optimizer, best, resume
+        self.save_enabled = bool(save)
         self.resumed_from_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        if self.save_enabled:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def load(self, engine: Engine) -> None:
         if not (self.resume and self.path.is_file()):

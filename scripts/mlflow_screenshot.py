@@ -1,0 +1,123 @@
+"""Screenshot the MLflow UI of a study's store with headless Chromium (Debian's packages).
+
+Usage (any Python with ``pip install playwright``; Chromium from ``apt-get install
+chromium-headless-shell`` or ``chromium``; the project's venv provides ``mlflow``)::
+
+    python scripts/mlflow_screenshot.py STORE_URI EXPERIMENT OUT_PREFIX [--mlflow .venv/bin/mlflow]
+
+Starts ``mlflow ui`` on a free localhost port, opens the experiment in the "Model training" view,
+expands the run tree and writes ``OUT_PREFIX_runs.png``; then the first evaluation run's page
+(``OUT_PREFIX_eval_run.png``) and the experiment's logged models (``OUT_PREFIX_models.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+from playwright.sync_api import sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _browser() -> str:
+    for name in ("chromium-headless-shell", "chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path
+    raise SystemExit("no Chromium found: apt-get install chromium-headless-shell")
+
+
+def _api(base: str, path: str, payload: dict | None = None) -> dict:
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("uri")
+    ap.add_argument("experiment")
+    ap.add_argument("prefix")
+    ap.add_argument("--mlflow", default=".venv/bin/mlflow")
+    args = ap.parse_args()
+
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    cmd = [args.mlflow, "ui", "--backend-store-uri", args.uri, "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        name = urllib.parse.quote(args.experiment)
+        exp_id = _api(base, f"experiments/get-by-name?experiment_name={name}")["experiment"][
+            "experiment_id"
+        ]
+        runs = _api(base, "runs/search", {"experiment_ids": [exp_id], "max_results": 500})["runs"]
+        eval_run = next(
+            r for r in runs if any(t["key"] == "eval.dataset" for t in r["data"].get("tags", []))
+        )
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=_browser(),
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            )
+            page = browser.new_page(viewport={"width": 1700, "height": 1000})
+            page.goto(f"{base}/#/experiments/{exp_id}/runs")
+            page.wait_for_timeout(5000)
+            toggle = page.get_by_text("Model training", exact=True)
+            if toggle.count():
+                toggle.first.click()
+                page.wait_for_timeout(2000)
+            page.goto(f"{base}/#/experiments/{exp_id}/runs")
+            page.wait_for_timeout(4000)
+            for _ in range(3):  # expand the nested run tree (study -> training -> evaluation)
+                buttons = page.locator("button[aria-label*='xpand']")
+                for i in range(buttons.count()):
+                    # a row may re-render under the click; the next pass tries again
+                    with contextlib.suppress(Exception):
+                        buttons.nth(i).click(timeout=1000)
+                page.wait_for_timeout(1000)
+            page.screenshot(path=f"{args.prefix}_runs.png")
+            run_id = eval_run["info"]["run_id"]
+            page.goto(f"{base}/#/experiments/{exp_id}/runs/{run_id}")
+            page.wait_for_timeout(4000)
+            page.screenshot(path=f"{args.prefix}_eval_run.png")
+            page.goto(f"{base}/#/experiments/{exp_id}/models")
+            page.wait_for_timeout(4000)
+            page.screenshot(path=f"{args.prefix}_models.png")
+            browser.close()
+        print(f"wrote {args.prefix}_runs.png, _eval_run.png and _models.png")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    main()
