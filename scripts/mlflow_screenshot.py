@@ -97,13 +97,17 @@ def main() -> None:
                 page.wait_for_timeout(2000)
             page.goto(f"{base}/#/experiments/{exp_id}/runs")
             page.wait_for_timeout(4000)
-            for _ in range(3):  # expand the nested run tree (study -> training -> evaluation)
-                buttons = page.locator("button[aria-label*='xpand']")
-                for i in range(buttons.count()):
-                    # a row may re-render under the click; the next pass tries again
-                    with contextlib.suppress(Exception):
-                        buttons.nth(i).click(timeout=1000)
-                page.wait_for_timeout(1000)
+            with contextlib.suppress(Exception):  # the assistant side panel, if shown
+                page.get_by_role("button", name="Close").first.click(timeout=2000)
+            # expand the nested run tree (study -> training -> evaluation): click the "+"
+            # expanders one at a time (each click re-renders the rows)
+            plus = "button[data-component-id*='runnamecellrenderer']:has(path[d^='M7.25 7.25V4.5'])"
+            for _ in range(40):
+                if not page.locator(plus).count():
+                    break
+                with contextlib.suppress(Exception):
+                    page.locator(plus).first.click(timeout=2000)
+                page.wait_for_timeout(700)
             page.screenshot(path=f"{args.prefix}_runs.png")
             run_id = eval_run["info"]["run_id"]
             page.goto(f"{base}/#/experiments/{exp_id}/runs/{run_id}")
