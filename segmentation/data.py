@@ -23,7 +23,6 @@ import numpy as np
 from monai.transforms import (
     Compose,
     EnsureTyped,
-    MapTransform,
     RandAdjustContrastd,
     RandAffined,
     RandGaussianNoised,
@@ -57,27 +56,6 @@ class AugmentConfig:
     prob_blur: float = 0.3
 
 
-class PixdimArrayd(MapTransform):
-    """Give the image meta a NIfTI-style ``pixdim`` array ``[1, row_mm, col_mm, 1, ...]``.
-
-    MONAI's spatial transforms write the new spacing into ``meta["pixdim"][1:3]`` in place; a
-    reader that stores ``pixdim`` as a ``(row_mm, col_mm)`` tuple makes ``Resized`` fail. This
-    transform leaves an array ``pixdim`` alone.
-    """
-
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            meta = getattr(d[key], "meta", None)
-            if meta is None or "pixdim" not in meta or isinstance(meta["pixdim"], np.ndarray):
-                continue
-            pix = np.ones(8, dtype=np.float64)
-            vals = [float(v) for v in meta["pixdim"]][:7]
-            pix[1 : 1 + len(vals)] = vals
-            meta["pixdim"] = pix
-        return d
-
-
 def spacing_from_meta(meta: dict[str, Any]) -> tuple[float, float] | None:
     """``(row_mm, col_mm)`` from a CXR meta dict (collated or not), or ``None`` when unknown."""
     value = meta.get("spacing") if meta else None
@@ -99,7 +77,6 @@ def load_transforms(with_mask: bool) -> list:
     ts: list = [LoadCXRd(keys="image")]
     if with_mask:
         ts.append(LoadMaskd(keys="mask"))
-    ts.append(PixdimArrayd(keys=["image", "mask"] if with_mask else ["image"]))
     return ts
 
 
