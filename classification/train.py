@@ -68,6 +68,7 @@ __all__ = [
     "make_optimizer",
     "make_trainer",
     "method_needs_masks",
+    "share_method_constants",
     "train",
     "tune_isnet_constants",
     "unique_run_name",
@@ -501,6 +502,24 @@ def make_method(
         store.parent.mkdir(parents=True, exist_ok=True)
         store.write_text(json.dumps({"C1": C1, "C2": C2, "tune_epochs": tune_epochs}))
     return method.with_constants(C1, C2)
+
+
+def share_method_constants(method: Method, src: int = 0) -> Method:
+    """Multi-process training (``torch.distributed`` initialised): every process takes process
+    ``src``'s ISNet constants C1/C2, so all ranks optimise the same loss even when their own
+    tuning differed (other seeds, non-deterministic kernels). Other methods are returned as is.
+    Every process must call it (a collective ``broadcast``)."""
+    if not isinstance(method, ISNet):
+        return method
+    import torch.distributed as dist
+
+    # a CPU tensor works with gloo; NCCL needs it on this process's current CUDA device
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    )
+    constants = torch.tensor([method.cfg.C1, method.cfg.C2], dtype=torch.float64, device=device)
+    dist.broadcast(constants, src=src)
+    return method.with_constants(float(constants[0]), float(constants[1]))
 
 
 def make_evaluator(
