@@ -328,6 +328,7 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
     t0 = time.perf_counter()
+    log = _timestamped(log, t0)
     if not (cfg.manifests or cfg.train_sites or cfg.external_sites or cfg.leave_one_site_out):
         cfg = replace(cfg, **synthetic_layout())
     manifests = ensure_masks(cfg, prepare_data(cfg, out, log), out, log)
@@ -353,7 +354,9 @@ def run_study(
                     tcfg = replace(
                         base_train, method=spec.name, method_params=spec.params, seed=seed
                     )
-                    run_dir = out / "models" / fold.name / f"{spec.display}-seed{seed}"
+                    # keyed by the config: a changed config trains anew, the same one is reused
+                    key = _config_key(tcfg)
+                    run_dir = out / "models" / fold.name / f"{spec.display}-seed{seed}-{key}"
                     params = {"fold": fold.name, **asdict(tcfg)}
                     with tracker.training_run(spec.display, seed, params, fold.train) as tr:
                         history = _train_once(
@@ -437,6 +440,11 @@ def run_study(
         tracker_uri = tracker.uri
         log(f"study finished in {time.perf_counter() - t0:.0f} s")
     return StudyResult(out, results, paired, report, markdown, tracker_uri, run_id)
+
+
+def _timestamped(log: Callable[[str], None], t0: float) -> Callable[[str], None]:
+    """``log`` with the elapsed wall time in front of each line (``[  12s] ...``)."""
+    return lambda line: log(f"[{time.perf_counter() - t0:5.0f}s] {line}")
 
 
 def _config_key(tcfg: Any) -> str:
