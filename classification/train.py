@@ -23,7 +23,6 @@ import logging
 import math
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -52,7 +51,6 @@ from classification.models import build_backbone
 __all__ = [
     "BestStateDictSaver",
     "EpochReporter",
-    "FailRunOnError",
     "MethodIteration",
     "MethodPrepareBatch",
     "ResumeCheckpointer",
@@ -71,7 +69,6 @@ __all__ = [
     "share_method_constants",
     "train",
     "tune_isnet_constants",
-    "unique_run_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -365,45 +362,6 @@ class EpochReporter:
             )
 
 
-class FailRunOnError:
-    """Trainer handler: if training raises, mark the still-``RUNNING`` MLflow run(s) named
-    ``run_name`` as ``FAILED`` (so a re-run never writes into them), then re-raise. A no-op when
-    tracking is off (no store yet)."""
-
-    def __init__(self, tracking_uri: str | None, run_name: str | None) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_name = run_name
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self)
-
-    def _store_exists(self) -> bool:
-        uri = self.tracking_uri or ""
-        if uri.startswith("sqlite:///"):
-            return Path(uri[len("sqlite:///") :]).is_file()
-        return bool(uri)
-
-    def __call__(self, engine: Engine, exc: BaseException) -> None:
-        try:
-            if self.run_name and self._store_exists():
-                from mlflow.tracking import MlflowClient
-
-                client = MlflowClient(self.tracking_uri)
-                for exp in client.search_experiments():
-                    for run in client.search_runs(
-                        [exp.experiment_id],
-                        filter_string=f"attributes.run_name = '{self.run_name}' "
-                        "and attributes.status = 'RUNNING'",
-                    ):
-                        client.set_terminated(run.info.run_id, "FAILED")
-        except Exception:  # never hide the training error behind a tracking error
-            logger.exception("could not mark MLflow run %s as FAILED", self.run_name)
-        raise exc
-
-
-# --------------------------------------------------------------------------- factories
-
-
 def make_optimizer(
     params: Iterable[nn.Parameter],
     name: str = "adam",
@@ -579,11 +537,6 @@ def backbone_factory(
 ) -> Callable[[], nn.Module]:
     """A zero-argument callable building a fresh backbone (for constant tuning)."""
     return partial(build_backbone, name, num_classes, in_channels, dropout)
-
-
-def unique_run_name(method: str) -> str:
-    """``train_<method>_<YYYYmmdd-HHMMSS>_<6 hex>``: never collides with an earlier run."""
-    return f"train_{method}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}"
 
 
 def load_splits(

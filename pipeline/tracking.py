@@ -65,6 +65,48 @@ _PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
 _BATCH = 100  # MLflow's limit on params per log_batch call
 
 
+def unique_run_name(prefix: str) -> str:
+    """``<prefix>_<YYYYmmdd-HHMMSS>_<6 hex>``: a name no earlier run has, so a MONAI bundle run
+    never writes into an old MLflow run of the same name."""
+    return f"{prefix}_{datetime.now().strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}"
+
+
+class FailRunOnError:
+    """Ignite handler for bundle workflows tracked by MONAI's ``MLFlowHandler``: when the engine
+    raises, mark the MLflow run(s) named ``run_name`` that are still ``RUNNING`` as ``FAILED``,
+    then re-raise. Does nothing when tracking is off (no store)."""
+
+    def __init__(self, tracking_uri: str | None, run_name: str | None):
+        self.tracking_uri, self.run_name = tracking_uri, run_name
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+
+    def _store_exists(self) -> bool:
+        path = sqlite_path(self.tracking_uri or "")
+        return path.is_file() if path is not None else bool(self.tracking_uri)
+
+    def __call__(self, engine: Any, exc: BaseException) -> None:
+        try:
+            if self.run_name and self._store_exists():
+                from mlflow import MlflowClient
+
+                client = MlflowClient(self.tracking_uri)
+                for exp in client.search_experiments():
+                    runs = client.search_runs(
+                        [exp.experiment_id],
+                        filter_string=f"attributes.run_name = '{self.run_name}' "
+                        "and attributes.status = 'RUNNING'",
+                    )
+                    for run in runs:
+                        client.set_terminated(run.info.run_id, "FAILED")
+        except Exception:  # never hide the original error behind a tracking error
+            _log.exception("could not mark the MLflow run %s as FAILED", self.run_name)
+        raise exc
+
+
 class PrivacyError(ValueError):
     """A value about to be written contains a patient identifier."""
 

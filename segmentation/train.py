@@ -7,8 +7,6 @@ only wires it).
 - :class:`ResumableCheckpoint`: after every epoch writes ``last.pt`` (network, optimizer, trainer
   state, best score); at start, loads it when present, so an interrupted run continues from the
   saved epoch.
-- :class:`FailRunOnError`: marks this run's MLflow run ``FAILED`` when training raises, so no
-  run is left ``RUNNING`` (and a later run never writes into it).
 - :func:`train_seg`: the same workflow from Python (what ``isnet-cxr seg train`` calls).
 """
 
@@ -16,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,11 +62,6 @@ def metric_score(metric: str = "val_mean_dice"):
         return float(engine.state.metrics[metric])
 
     return score
-
-
-def unique_run_name(prefix: str = "seg_train") -> str:
-    """A run name no earlier run has: ``<prefix>_<YYYYmmdd_HHMMSS>_<6 hex>``."""
-    return f"{prefix}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
 
 
 class BestCheckpoint:
@@ -171,45 +162,6 @@ class ResumableCheckpoint:
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         torch.save(state, tmp)
         tmp.replace(self.path)
-
-
-class FailRunOnError:
-    """Trainer handler: when the engine raises, mark the MLflow run(s) named ``run_name`` that are
-    still ``RUNNING`` as ``FAILED``, then re-raise. Does nothing when the tracking store does not
-    exist (tracking off)."""
-
-    def __init__(self, tracking_uri: str | None, run_name: str | None):
-        self.tracking_uri, self.run_name = tracking_uri, run_name
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EXCEPTION_RAISED, self)
-
-    def _store_exists(self) -> bool:
-        uri = self.tracking_uri or ""
-        if uri.startswith("sqlite:///"):
-            return (
-                Path(uri[len("sqlite:///") :]).is_file()
-                or Path("/" + uri[len("sqlite:///") :].lstrip("/")).is_file()
-            )
-        return bool(uri)
-
-    def __call__(self, engine: Engine, exc: BaseException) -> None:
-        try:
-            if self.run_name and self._store_exists():
-                from mlflow.tracking import MlflowClient
-
-                client = MlflowClient(self.tracking_uri)
-                for exp in client.search_experiments():
-                    runs = client.search_runs(
-                        [exp.experiment_id],
-                        filter_string=f"attributes.run_name = '{self.run_name}' "
-                        "and attributes.status = 'RUNNING'",
-                    )
-                    for run in runs:
-                        client.set_terminated(run.info.run_id, "FAILED")
-        except Exception:  # never hide the original error behind a tracking error
-            logger.exception("could not mark the MLflow run %s as FAILED", self.run_name)
-        raise exc
 
 
 def train_seg(
