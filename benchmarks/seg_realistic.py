@@ -7,6 +7,9 @@ Data (``pipeline.synthetic.make_dataset``; the CT is fetched once by ``pipeline.
 - CT training set (``mode="ct"``), seed ``--seed``, the training sites only;
 - CT test set (``mode="ct"``), seed ``--test-seed`` (a different seed: new poses, exposures and
   lesions), all three sites: hospital-a/b = seen acquisition, hospital-c = unseen acquisition.
+- with ``--n-real N``: N phantoms per training site whose lung fields are real lung shapes
+  (``make_dataset(..., lung_shapes="real")``, :mod:`pipeline.lung_shapes`), seed ``--seed + 1``,
+  added to the training rows.
 
 Training rows: the ``train``/``val`` splits of the training sites from the phantom and the CT
 training sets (one combined manifest). Both test sets are then segmented with the full inference
@@ -39,7 +42,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "seg_unet_synthetic.pt"
 
 
-def _make(out: Path, mode: str, sites: list, n: int, size: int, seed: int, workers: int) -> Path:
+def _make(
+    out: Path,
+    mode: str,
+    sites: list,
+    n: int,
+    size: int,
+    seed: int,
+    workers: int,
+    lung_shapes: str = "drawn",
+) -> Path:
     from pipeline.synthetic import make_dataset
 
     manifest = out / "manifest.csv"
@@ -47,9 +59,20 @@ def _make(out: Path, mode: str, sites: list, n: int, size: int, seed: int, worke
         return manifest
     t0 = time.perf_counter()
     make_dataset(
-        out, sites, n_per_site=n, size=size, seed=seed, workers=workers, progress=False, mode=mode
+        out,
+        sites,
+        n_per_site=n,
+        size=size,
+        seed=seed,
+        workers=workers,
+        progress=False,
+        mode=mode,
+        lung_shapes=lung_shapes,
     )
-    print(f"data ({mode}, seed {seed}, {n}/site): {manifest} ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"data ({mode}, {lung_shapes} lungs, seed {seed}, {n}/site): {manifest} "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
     return manifest
 
 
@@ -119,6 +142,13 @@ def main() -> None:
     ap.add_argument("--n-phantom", type=int, default=100, help="phantom images per site")
     ap.add_argument("--n-ct", type=int, default=100, help="CT training images per training site")
     ap.add_argument("--n-test", type=int, default=40, help="CT test images per site")
+    ap.add_argument(
+        "--n-real",
+        type=int,
+        default=0,
+        help="extra phantoms with real lung-field shapes (pipeline.lung_shapes) per training "
+        "site, seed --seed + 1 (0: none)",
+    )
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -150,9 +180,21 @@ def main() -> None:
     ct_test = _make(
         args.out / "ct_test", "ct", sites, args.n_test, args.size, args.test_seed, workers
     )
+    parts = {"phantom": phantom, "ct": ct_train}
+    if args.n_real > 0:
+        parts["real"] = _make(
+            args.out / "real_shapes",
+            "phantom",
+            train_sites,
+            args.n_real,
+            args.size,
+            args.seed + 1,
+            workers,
+            lung_shapes="real",
+        )
     train_dir = args.out / "train_set"
-    combined_manifest({"phantom": phantom, "ct": ct_train}, train_names, train_dir)
-    print(f"training sites: {train_names} (phantom + CT, train/val splits)")
+    combined_manifest(parts, train_names, train_dir)
+    print(f"training sites: {train_names} ({' + '.join(parts)}, train/val splits)")
 
     run_dir = args.out / "run"
     ckpt = run_dir / "models" / "model.pt"

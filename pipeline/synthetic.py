@@ -417,14 +417,50 @@ def _lung_outline(rng: np.random.Generator, side: int, g: dict[str, float]) -> d
     return {"u": u, "y": y, "u_med": u_med, "u_lat": u_lat, "y_apex": y_apex, "y_cp": y_cp}
 
 
+def _real_lungs(
+    shapes: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    g: dict[str, float],
+    scale: float,
+    cx: float,
+    cy: float,
+) -> list[_Lung]:
+    """The two lungs (image left, image right) from a sampled real pair fitted into the box the
+    drawn lungs would span (``g``, patient frame); geometry in the patient frame as drawn."""
+    from pipeline.lung_shapes import sample_lung_pair
+
+    top, bot = _to_pixels(
+        np.zeros(2), np.array([g["y_apex"], g["y_cp"] + 0.02]) * scale + cy, size
+    )[0]
+    lo, hi = _to_pixels(np.array([-g["u_lat"], g["u_lat"]]) * scale + cx, np.zeros(2), size)[1]
+    pair = sample_lung_pair(shapes, size, rng, box=(top, bot, lo, hi))
+    lin = np.linspace(-1.0, 1.0, size)
+    lungs = []
+    for side, m in zip((-1, 1), pair, strict=True):
+        rows, cols = np.nonzero(m)
+        if rows.size == 0:  # warped out of the frame: cannot happen with a box inside it
+            raise ValueError("sampled lung shape is empty")
+        u = side * (lin[cols] - cx) / scale
+        y = (lin[rows] - cy) / scale
+        lungs.append(_Lung(side, float(u.min()), float(u.max()), float(y.min()), float(y.max()), m))
+    return lungs
+
+
 def _band(dist: np.ndarray, half: float) -> np.ndarray:
     """Bone-like band profile across ``dist``: plateau with brighter cortical edges."""
     a = np.abs(dist) / half
     return 1.0 / (1.0 + a**8) * (0.75 + 0.25 * np.exp(-(((a - 0.9) / 0.25) ** 2)))
 
 
-def draw_anatomy(size: int, rng: np.random.Generator) -> Anatomy:
+def draw_anatomy(
+    size: int, rng: np.random.Generator, lung_shapes: np.ndarray | None = None
+) -> Anatomy:
     """Draw a normal chest (no findings) of ``size x size`` pixels from ``rng``.
+
+    ``lung_shapes``: bool ``[N, 2, S, S]`` real lung pairs (:mod:`pipeline.lung_shapes`); when
+    given, one pair, slightly warped into the drawn lungs' bounding box, replaces the drawn lung
+    outlines (heart, ribs, diaphragm and the mask rule are unchanged).
 
     Returns:
         :class:`Anatomy` with density ``[size, size]`` float32 and masks ``[size, size]`` bool.
@@ -462,7 +498,12 @@ def draw_anatomy(size: int, rng: np.random.Generator) -> Anatomy:
     }
     lungs: list[_Lung] = []
     lung_full = np.zeros((size, size), dtype=bool)
+    if lung_shapes is not None:
+        lungs = _real_lungs(lung_shapes, size, rng, g, scale, cx, cy)
     for side in (-1, 1):
+        if lung_shapes is not None:
+            lung_full |= lungs[(side + 1) // 2].mask
+            continue
         o = _lung_outline(rng, side, g)
         x = (side * o["u"]) * scale + cx
         y = o["y"] * scale + cy
@@ -775,6 +816,7 @@ def render_case(
     difficulty: float = 0.5,
     with_finding: bool = True,
     bias: str | None = None,
+    lung_shapes: np.ndarray | None = None,
 ) -> SyntheticCase:
     """Render one image of ``site`` and class ``label``.
 
@@ -782,6 +824,8 @@ def render_case(
         seed: the image's seed (see :func:`image_seed`), or an int.
         with_finding: False draws the same image without its finding (for tests).
         bias: force the marker class ('' for none); default: :func:`assign_bias`.
+        lung_shapes: real lung pairs ``[N, 2, S, S]`` to use instead of drawn lungs
+            (:func:`pipeline.lung_shapes.load_lung_shapes`); None draws them.
     """
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
@@ -790,7 +834,7 @@ def render_case(
     if not 0.0 <= difficulty <= 1.0:
         raise ValueError(f"difficulty {difficulty} is not in [0, 1]")
     with _single_threaded_blas():
-        return _render(site, label, seed, size, difficulty, with_finding, bias)
+        return _render(site, label, seed, size, difficulty, with_finding, bias, lung_shapes)
 
 
 def _render(
@@ -801,12 +845,13 @@ def _render(
     difficulty: float,
     with_finding: bool,
     bias: str | None,
+    lung_shapes: np.ndarray | None = None,
 ) -> SyntheticCase:
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     st = _Streams.from_seed(ss)
     marker_cls = assign_bias(site, label, st.bias) if bias is None else bias
 
-    anat = draw_anatomy(size, st.anatomy)
+    anat = draw_anatomy(size, st.anatomy, lung_shapes)
     finding = draw_finding(label, anat, difficulty, st.finding)
     if not with_finding:
         finding = np.zeros_like(finding)
@@ -1010,6 +1055,7 @@ class _Task:
     size: int
     difficulty: float
     ct_dir: str = ""  # '' = phantom mode
+    shapes_file: str = ""  # '' = drawn lungs, else a pipeline.lung_shapes cache file
 
 
 def _make_one(task: _Task) -> dict[str, str]:
@@ -1022,7 +1068,14 @@ def _make_one(task: _Task) -> dict[str, str]:
             site, task.label, ss, Path(task.ct_dir), size=task.size, difficulty=task.difficulty
         )
     else:
-        case = render_case(site, task.label, ss, size=task.size, difficulty=task.difficulty)
+        shapes = None
+        if task.shapes_file:
+            from pipeline.lung_shapes import read_shapes
+
+            shapes = read_shapes(task.shapes_file)
+        case = render_case(
+            site, task.label, ss, size=task.size, difficulty=task.difficulty, lung_shapes=shapes
+        )
     stem = f"{site.name}_{task.index:05d}"
     rel_img = f"images/{site.name}/{stem}.dcm"
     rel_mask = f"masks/{site.name}/{stem}.png"
@@ -1092,13 +1145,25 @@ def _build_tasks(
     difficulty: float,
     split: str | None = None,
     ct_dir: str = "",
+    shapes_file: str = "",
 ) -> list[_Task]:
     tasks = []
     for site in sites:
         labels, splits = _labels_and_splits(site, n_per_site, seed)
         for i, (lab, spl) in enumerate(zip(labels, splits, strict=True)):
             tasks.append(
-                _Task(str(out_dir), site, i, lab, split or spl, seed, size, difficulty, ct_dir)
+                _Task(
+                    str(out_dir),
+                    site,
+                    i,
+                    lab,
+                    split or spl,
+                    seed,
+                    size,
+                    difficulty,
+                    ct_dir,
+                    shapes_file,
+                )
             )
     return tasks
 
@@ -1140,6 +1205,7 @@ def make_dataset(
     workers: int | None = None,
     progress: bool = True,
     mode: str = "phantom",
+    lung_shapes: str = "drawn",
 ) -> Path:
     """Generate a multi-site synthetic chest X-ray set; return ``out_dir/manifest.csv``.
 
@@ -1154,13 +1220,36 @@ def make_dataset(
         progress: show a tqdm progress bar.
         mode: ``"phantom"`` (drawn anatomy, no download) or ``"ct"`` (radiographs projected
             from a real chest CT, see :mod:`pipeline.synthetic_ct`; fetches it once).
+        lung_shapes: phantom mode only: ``"drawn"`` (default) or ``"real"`` (real lung-field
+            shapes from :mod:`pipeline.lung_shapes`, fetched once, instead of drawn lungs).
     """
     sites = list(default_sites() if sites is None else sites)
     _check_args(sites, n_per_site, size, difficulty)
     ct_dir = _prepare_mode(mode)
+    shapes_file = ""
+    if lung_shapes == "real":
+        if mode != "phantom":
+            raise ValueError(f"lung_shapes='real' needs mode='phantom', got mode={mode!r}")
+        from pipeline.lung_shapes import load_lung_shapes, shapes_path
+        from pipeline.settings import Settings
+
+        settings = Settings.from_env()
+        load_lung_shapes(settings)
+        shapes_file = str(shapes_path(settings))
+    elif lung_shapes != "drawn":
+        raise ValueError(f"unknown lung_shapes {lung_shapes!r}; use 'drawn' or 'real'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = _build_tasks(out.resolve(), sites, n_per_site, size, seed, difficulty, ct_dir=ct_dir)
+    tasks = _build_tasks(
+        out.resolve(),
+        sites,
+        n_per_site,
+        size,
+        seed,
+        difficulty,
+        ct_dir=ct_dir,
+        shapes_file=shapes_file,
+    )
     rows = _run_tasks(tasks, workers, progress)
     return _write_manifest(rows, out / "manifest.csv")
 
