@@ -56,6 +56,9 @@ class ISNetLossConfig:
         heatmap_layer: None = heatmaps at the input (the paper's); a module name = exact LRP
             relevance at that module's output, summed over channels, with the mask max-pooled to
             that resolution (faster; a coarser loss than the paper's).
+        input_bounds: ``(low, high)`` pixel range for the z^B rule at the first layer (the
+            paper's), or None for the epsilon rule down to the input (relevance = modified
+            gradient x input, so zero pixels get none). Ignored when ``heatmap_layer`` is set.
     """
 
     P: float = 0.7
@@ -69,9 +72,15 @@ class ISNetLossConfig:
     variant: str = "selective"
     huber_upper: bool = False
     heatmap_layer: str | None = None
+    input_bounds: tuple[float, float] | None = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         problems = []
+        if self.input_bounds is not None:
+            bounds = tuple(float(v) for v in self.input_bounds)
+            object.__setattr__(self, "input_bounds", bounds)  # e.g. a JSON list -> tuple
+            if len(bounds) != 2 or not bounds[0] < bounds[1]:
+                problems.append(f"input_bounds={self.input_bounds} must be None or (low < high)")
         if not 0.0 <= self.P <= 1.0:
             problems.append(f"P={self.P} must be in [0, 1]")
         if self.A < 0 or self.B < 0:
@@ -304,13 +313,20 @@ def isnet_losses(
     mask: Tensor,
     cfg: ISNetLossConfig,
     selector: Callable[[Tensor], Tensor] | None = None,
-    input_bounds: tuple[float, float] | None = (0.0, 1.0),
+    input_bounds: tuple[float, float] | None | str = "config",
 ) -> ISNetLosses:
     """One forward + one LRP backward (create_graph) -> CE, heatmap loss and total.
 
     ``x [B, C, H, W]``, ``y [B]`` class indices, ``mask [B, 1, H, W]`` binary. Call
-    ``.total.backward()`` for exact gradients of ``(1-P) CE + P L_H``.
+    ``.total.backward()`` for exact gradients of ``(1-P) CE + P L_H``. ``input_bounds``
+    defaults to ``cfg.input_bounds``; pass a value (or None) to override it.
     """
+    if isinstance(input_bounds, str):
+        if input_bounds != "config":
+            raise ValueError(
+                f"input_bounds must be (low, high), None or 'config', got {input_bounds!r}"
+            )
+        input_bounds = cfg.input_bounds
     select = selector if selector is not None else make_selector(cfg.variant)
     logits, R = lrp_heatmaps(
         model,

@@ -150,7 +150,10 @@ class ISNet:
 
     ``cfg.variant`` picks which outputs are explained: ``original`` (K = N classes), ``selective``
     (K = 1, the lowest-logit class's softmax log-odds) or ``stochastic`` (K = 1, a random logit
-    drawn with ``generator``). ``warmup_epochs`` > 0 ramps ``P`` linearly from 0 (epoch 1) to
+    drawn with ``generator``). ``cfg.input_bounds`` picks the first-layer rule (z^B with those
+    bounds, or None for epsilon down to the input); ``cfg.heatmap_layer`` (a module name) puts the
+    loss on the channel-summed relevance at that module's output, with the mask max-pooled to its
+    size. ``warmup_epochs`` > 0 ramps ``P`` linearly from 0 (epoch 1) to
     ``cfg.P`` (epoch ``warmup_epochs + 1``); the training loop reports the epoch through
     :meth:`set_epoch`.
     """
@@ -200,7 +203,18 @@ class ISNet:
     ) -> MethodOutput:
         masks = _require_masks(self.name, masks, images)
         P = self.current_P
-        logits, R = lrp_heatmaps(model, images, self.selector, eps=self.cfg.eps, create_graph=True)
+        layer = self.cfg.heatmap_layer
+        logits, R = lrp_heatmaps(
+            model,
+            images,
+            self.selector,
+            eps=self.cfg.eps,
+            input_bounds=self.cfg.input_bounds,
+            create_graph=True,
+            at=layer,
+        )
+        if layer is not None:  # hidden-layer relevance [B, K, C', h, w]: one map per (b, k)
+            R = R.sum(dim=2, keepdim=True)
         ce = F.cross_entropy(logits, labels)
         lh = heatmap_loss(R, masks, self.cfg)
         total = isnet_total_loss(ce, lh, P)

@@ -175,3 +175,40 @@ def test_build_method_names_and_errors() -> None:
     images, labels, _ = _batch()
     with pytest.raises(ValueError, match="needs lung masks"):
         RRR().loss(_model(), images, labels, None)
+
+
+def test_isnet_input_bounds_none_gives_zero_pixels_no_relevance() -> None:
+    """With ``input_bounds=None`` (epsilon rule down to the input) a background of zero pixels gets
+    no relevance, so the background term vanishes; the z^B rule (default) puts relevance there."""
+    images, labels, masks = _batch()
+    images = images * masks  # background pixels exactly 0
+    model = _model().eval()
+    eps_rule = build_method("isnet", variant="selective", B=0.0, input_bounds=None)
+    zb_rule = build_method("isnet", variant="selective", B=0.0)
+    assert eps_rule.cfg.input_bounds is None and zb_rule.cfg.input_bounds == (0.0, 1.0)
+    assert build_method("isnet", input_bounds=[0, 1]).cfg.input_bounds == (0.0, 1.0)  # JSON list
+    out_eps = eps_rule.loss(model, images, labels, masks)
+    out_zb = zb_rule.loss(model, images, labels, masks)
+    assert out_eps.parts["heatmap"] == pytest.approx(0.0, abs=1e-7)
+    assert out_zb.parts["heatmap"] > 1e-3
+    assert out_eps.parts["ce"] == pytest.approx(out_zb.parts["ce"], rel=1e-6)
+
+
+def test_isnet_heatmap_layer_matches_isnet_losses() -> None:
+    """``heatmap_layer`` puts the loss on channel-summed hidden-layer relevance (pooled mask): the
+    method's heatmap loss equals ``isnet_losses``'s and differs from the input-level loss."""
+    from classification.isnet_loss import isnet_losses
+
+    images, labels, masks = _batch()
+    model = _model().eval()
+    method = build_method("isnet", variant="selective", heatmap_layer="features.pool1")
+    out = method.loss(model, images, labels, masks)
+    ref = isnet_losses(model, images, labels, masks, method.cfg)
+    assert ref.R.shape == (images.shape[0], 1, 1, SIZE // 4, SIZE // 4)
+    assert out.parts["heatmap"] == pytest.approx(float(ref.lh.detach()), rel=1e-5)
+    at_input = build_method("isnet", variant="selective").loss(model, images, labels, masks)
+    assert abs(out.parts["heatmap"] - at_input.parts["heatmap"]) > 1e-4
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(KeyError, match="no module named"):
+        build_method("isnet", heatmap_layer="nope").loss(model, images, labels, masks)
