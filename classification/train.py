@@ -389,11 +389,16 @@ def tune_isnet_constants(
     device: str | torch.device = "cpu",
     grad_clip: float = 1.0,
     seed: int | None = None,
+    input_bounds: tuple[float, float] | None = (0.0, 1.0),
+    heatmap_layer: str | None = None,
 ) -> tuple[float, float]:
     """Auto C1/C2 (Faster-ISNet recipe): train a plain classifier (cross-entropy, Adam) for
     ``epochs``; in the last epoch record each training sample's total ``sum |R|`` (heatmaps of the
     ``variant``'s selected outputs, every explained output counted) before its step; return
-    :func:`classification.isnet_loss.tune_c1_c2` of those totals."""
+    :func:`classification.isnet_loss.tune_c1_c2` of those totals.
+
+    The heatmap is the one the ISNet loss will use: same first-layer rule (``input_bounds``) and,
+    with ``heatmap_layer``, the relevance at that layer summed over its channels."""
     if epochs < 1:
         raise ValueError(f"tuning needs at least one epoch, got {epochs}")
     model = model_factory().to(device)
@@ -406,7 +411,17 @@ def tune_isnet_constants(
             images, labels, _ = unpack_batch(batch, device)
             model.train()
             if epoch == epochs:
-                _, R = lrp_heatmaps(model, images, selector, eps=eps, create_graph=False)
+                _, R = lrp_heatmaps(
+                    model,
+                    images,
+                    selector,
+                    eps=eps,
+                    input_bounds=input_bounds,
+                    at=heatmap_layer,
+                    create_graph=False,
+                )
+                if heatmap_layer is not None:  # as the loss sees it: channels summed first
+                    R = R.sum(dim=2, keepdim=True)
                 totals.append(R.detach().abs().flatten(2).sum(dim=2).flatten().cpu())
             opt.zero_grad()
             loss = F.cross_entropy(model(images), labels)
@@ -454,6 +469,8 @@ def make_method(
         lr=lr,
         device=device,
         seed=seed,
+        input_bounds=method.cfg.input_bounds,
+        heatmap_layer=method.cfg.heatmap_layer,
     )
     logger.info("ISNet constants tuned on a plain network: C1=%.4g C2=%.4g", C1, C2)
     if store is not None:
