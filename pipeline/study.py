@@ -318,10 +318,9 @@ def run_study(
     """
     from classification.methods import build_method
     from classification.model_card import write_model_card
-    from classification.predict import load_classifier, predict
+    from classification.predict import load_classifier
     from classification.train import TrainConfig, train
     from pipeline.dicom import surfaced_read_errors
-    from pipeline.eval_metrics import evaluate
     from pipeline.tracking import StudyTracker
 
     out = Path(out_dir).resolve()
@@ -381,29 +380,9 @@ def run_study(
                         method = build_method(spec.name, **spec.params)
                         for ev in fold.evals:
                             keep = cfg.heatmap_examples if ev.kind == "external" else 0
-                            pred = predict(
-                                model,
-                                method,
-                                to_records(ev.frame, classes),
-                                tcfg.size,
-                                keep_examples=keep,
+                            pred, metrics = _evaluate_on(
+                                tracker, tr, model_id, model, method, ev, classes, tcfg, cfg, keep
                             )
-                            result = evaluate(
-                                pred.probs,
-                                pred.labels,
-                                _groups(ev.frame),
-                                classes,
-                                n_boot=cfg.n_boot,
-                                seed=seed,
-                            )
-                            metrics = result.as_dict()
-                            for name, values in pred.relevance.items():
-                                metrics[name] = float(np.nanmean(values))
-                            with tracker.evaluation_run(
-                                tr.run_id, model_id, ev.name, ev.kind, ev.frame
-                            ) as er:
-                                er.log_metrics(metrics)
-                                er.log_predictions(pred.probs, pred.labels, classes)
                             rows.append(
                                 {
                                     "fold": fold.name,
@@ -411,26 +390,15 @@ def run_study(
                                     "seed": seed,
                                     "dataset": ev.name,
                                     "kind": ev.kind,
-                                    "n_images": result.n_images,
                                     **metrics,
                                 }
                             )
                             probs_by[(fold.name, spec.display, seed, ev.name)] = pred
-                            if keep and pred.examples:
-                                examples.setdefault(f"{fold.name}/{ev.name}", [])
-                                examples[f"{fold.name}/{ev.name}"].append(
+                            if pred.examples:
+                                examples.setdefault(f"{fold.name}/{ev.name}", []).append(
                                     (spec.display, pred.examples)
                                 )
-                            log(
-                                f"  {spec.display:<24} {ev.name:<24} "
-                                f"AUROC {metrics['auroc_macro']:.3f} "
-                                f"acc {metrics['accuracy']:.3f}"
-                                + (
-                                    f" bg-share {metrics['background_share']:.2f}"
-                                    if "background_share" in metrics
-                                    else ""
-                                )
-                            )
+                            log(_summary_line(spec.display, ev.name, metrics))
         results = pd.DataFrame(rows)
         paired = _paired_tests(cfg, folds, probs_by, classes)
         report, markdown = _write_evidence(
@@ -440,6 +408,46 @@ def run_study(
         tracker_uri = tracker.uri
         log(f"study finished in {time.perf_counter() - t0:.0f} s")
     return StudyResult(out, results, paired, report, markdown, tracker_uri, run_id)
+
+
+def _evaluate_on(
+    tracker: Any,
+    training_run: Any,
+    model_id: str,
+    model: Any,
+    method: Any,
+    ev: EvalSet,
+    classes: Sequence[str],
+    tcfg: Any,
+    cfg: StudyConfig,
+    keep_examples: int,
+) -> tuple[Any, dict[str, float]]:
+    """Predict ``ev`` with one trained model, compute its metrics (bootstrap CIs over patients,
+    mean relevance metrics) and log them in a new evaluation run under ``training_run``."""
+    from classification.predict import predict
+    from pipeline.eval_metrics import evaluate
+
+    pred = predict(
+        model, method, to_records(ev.frame, classes), tcfg.size, keep_examples=keep_examples
+    )
+    result = evaluate(
+        pred.probs, pred.labels, _groups(ev.frame), classes, n_boot=cfg.n_boot, seed=tcfg.seed
+    )
+    metrics = {"n_images": float(result.n_images), **result.as_dict()}
+    for name, values in pred.relevance.items():
+        metrics[name] = float(np.nanmean(values))
+    with tracker.evaluation_run(training_run.run_id, model_id, ev.name, ev.kind, ev.frame) as er:
+        er.log_metrics(metrics)
+        er.log_predictions(pred.probs, pred.labels, classes)
+    return pred, metrics
+
+
+def _summary_line(method: str, dataset: str, metrics: dict[str, float]) -> str:
+    line = f"  {method:<24} {dataset:<24} AUROC {metrics['auroc_macro']:.3f}"
+    line += f" acc {metrics['accuracy']:.3f}"
+    if "background_share" in metrics:
+        line += f" bg-share {metrics['background_share']:.2f}"
+    return line
 
 
 def _timestamped(log: Callable[[str], None], t0: float) -> Callable[[str], None]:
