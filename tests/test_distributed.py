@@ -90,6 +90,7 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 @pytest.mark.parametrize("method", ["standard", "isnet"])
 def test_classifier_ddp_two_processes(dataset, tmp_path, method) -> None:
     out = tmp_path / "out"
+    out.mkdir()  # the per-rank dumps of this test may run before rank 0 creates it
     args: dict[str, object] = {
         "dataset_dir": str(dataset.parent),
         "output_dir": str(out),
@@ -145,6 +146,7 @@ def _assert_one_finished_run(out: Path, experiment: str, metrics: set[str]) -> N
 
 def test_segmentation_ddp_two_processes(dataset, tmp_path) -> None:
     out = tmp_path / "out"
+    out.mkdir()  # the per-rank dumps of this test may run before rank 0 creates it
     args = {
         "meta_file": str(CONFIGS / "metadata.json"),
         "dataset_dir": str(dataset.parent),
