@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from pipeline.batch import BatchInputError, bundle_datalist, run_batch
+from pipeline.batch import BatchInputError, run_batch
+from pipeline.inference_bundle import bundle_datalist
 from tests.dicom_factory import write_cxr_dicom
 from tests.test_batch import CLASSES, chest_like, make_model, planted
 
