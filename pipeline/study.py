@@ -251,7 +251,15 @@ def ensure_masks(
             continue
         from segmentation.masks_step import write_masks
 
-        target = out_dir / "masks" / f"manifest{i}"
+        # keyed by mode and segmenter: another segmenter (or a retrained one) segments anew
+        seg = Path(cfg.segmenter)
+        key = _text_key(f"{cfg.masks}|{seg.resolve()}|{seg.stat().st_mtime_ns}")
+        target = out_dir / "masks" / f"manifest{i}-{key}"
+        done = target / "manifest.csv"
+        if done.is_file() and done.stat().st_mtime >= Path(path).stat().st_mtime:
+            log(f"masks: reusing {done}")
+            out.append(done)
+            continue
         log(f"masks: segmenting {path} with {cfg.segmenter}")
         out.append(write_masks(path, cfg.segmenter, target, overwrite=cfg.masks == "segmenter"))
     return out
@@ -455,11 +463,14 @@ def _timestamped(log: Callable[[str], None], t0: float) -> Callable[[str], None]
     return lambda line: log(f"[{time.perf_counter() - t0:5.0f}s] {line}")
 
 
-def _config_key(tcfg: Any) -> str:
+def _text_key(text: str) -> str:
     import hashlib
 
-    text = json.dumps(asdict(tcfg), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _config_key(tcfg: Any) -> str:
+    return _text_key(json.dumps(asdict(tcfg), sort_keys=True, default=str))
 
 
 def _train_once(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -190,7 +191,7 @@ def test_crash_marks_runs_failed_and_rerun_resumes(tiny_data, tmp_path):
 def test_study_against_real_mlflow_server(tiny_data, tmp_path, mlflow_server, monkeypatch):
     url = mlflow_server.url()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    cfg = _config(tiny_data, ["standard"], "server-study")
+    cfg = replace(_config(tiny_data, ["standard"], "server-study"), masks="segmenter")
     res = run_study(cfg, tmp_path / "out", command="pytest", log=lambda _: None)
     assert res.tracking_uri == url
     client = MlflowClient(url)
@@ -198,3 +199,7 @@ def test_study_against_real_mlflow_server(tiny_data, tmp_path, mlflow_server, mo
     assert len(runs) == 1 + 1 + 5 and {r.info.status for r in runs} == {"FINISHED"}
     assert "report.html" in {a.path for a in client.list_artifacts(res.run_id)}
     assert not (tmp_path / "out" / "mlflow" / "mlruns.db").exists()
+    # every row was segmented by the U-Net (masks="segmenter"), and those masks were used
+    (seg_manifest,) = (tmp_path / "out" / "masks").glob("manifest0-*/manifest.csv")
+    seg = pd.read_csv(seg_manifest, dtype=str)
+    assert (seg["mask_source"] != "given").all() and seg["mask"].str.contains("masks/").all()
