@@ -11,7 +11,8 @@ of the field of view) and exposure; the site's acquisition (:func:`pipeline.synt
 then adds blur, gamma, noise, markers, collimation and quantisation.
 
 Mask: the projected lungs minus the projected heart (label 51), i.e. the 2D "lung field"
-convention. A lesion behind the heart is cut at the mask, like every finding.
+convention, keeping the two largest components (the sliver of lung below the heart is dropped, as
+lung-field annotations do). A lesion behind the heart is cut at the mask, like every finding.
 Only one patient's anatomy exists: variety comes from pose, exposure, lesions and sites.
 """
 
@@ -252,6 +253,16 @@ def render_ct_case(
     lungs = ndimage.map_coordinates(vol.lungs2d.astype(np.uint8), coords, order=0) > 0
     heart = ndimage.map_coordinates(vol.heart2d.astype(np.uint8), coords, order=0) > 0
     body = base > 0.15
-    mask = lungs & ~heart & body
+    mask = _two_largest(lungs & ~heart & body)
     density = np.clip(base, 0.0, 1.0).astype(np.float32)
     return acquire(site, density, find.astype(np.float32), mask, body, label, marker_cls, st)
+
+
+def _two_largest(mask: np.ndarray) -> np.ndarray:
+    """The two largest 4-connected components of a bool ``[H, W]`` mask (the two lung fields)."""
+    labels, n = ndimage.label(mask)
+    if n <= 2:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.argsort(sizes)[-2:] + 1
+    return np.isin(labels, keep)

@@ -8,6 +8,7 @@ import pandas as pd
 import pydicom
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from pipeline.settings import Settings
 from pipeline.synthetic import CLASSES, default_sites, image_seed, make_dataset
@@ -54,3 +55,13 @@ def test_ct_findings_only_inside_lungs(shared_data_home):
         assert not (diff & ~with_f.mask).any()
         assert diff.any() == (cls != "normal")
         assert not (with_f.marker & with_f.mask).any()
+
+
+def test_ct_lung_field_is_two_lungs(shared_data_home):
+    d = fetch_ct(Settings.from_env())
+    site = default_sites()[0]
+    for k in range(4):
+        case = render_ct_case(site, "normal", image_seed(5, site, k), d, size=96)
+        _, n = ndimage.label(case.mask)
+        assert n == 2  # no sliver below the heart: lung-field convention
+        assert 0.1 < case.mask.mean() < 0.5
