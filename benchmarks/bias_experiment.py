@@ -128,6 +128,7 @@ def run_one(name: str, seed: int, args, splits, test_sets, out: Path) -> dict:
         method=name,
         method_params=params,
         backbone="small_cnn",
+        width=args.width,
         size=args.size,
         dropout=args.dropout,
         epochs=args.epochs,
@@ -151,7 +152,7 @@ def run_one(name: str, seed: int, args, splits, test_sets, out: Path) -> dict:
         progress=lambda s, n=name: print(f"[{n} seed {seed}] {s}", flush=True),
     )
     seconds = time.perf_counter() - t0
-    model = build_backbone("small_cnn", n_classes, dropout=cfg.dropout)
+    model = build_backbone("small_cnn", n_classes, dropout=cfg.dropout, width=args.width)
     model.load_state_dict(torch.load(res.best_model, weights_only=True))
     method = build_method(name, **params)
     row: dict = {k: evaluate(model, method, recs, args.size) for k, recs in test_sets.items()}
@@ -194,6 +195,9 @@ def main() -> None:
     ap.add_argument("--momentum", type=float, default=0.99, help="SGD momentum")
     ap.add_argument("--grad-clip", type=float, default=1.0, help="<= 0: no clipping")
     ap.add_argument("--dropout", type=float, default=0.5)
+    ap.add_argument(
+        "--width", type=int, default=16, help="small_cnn base width (blocks w, 2w, 4w, 4w)"
+    )
     ap.add_argument("--no-augment", action="store_true", help="train without augmentation")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
     ap.add_argument("--methods", default="standard,isnet,segment_then_classify,rrr")

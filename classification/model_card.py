@@ -63,6 +63,7 @@ class ModelCard:
     classes: tuple[str, ...]
     method: str
     method_params: dict[str, Any] = field(default_factory=dict)
+    width: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.classes, list):
@@ -87,6 +88,7 @@ class ModelCard:
             "classes": list(self.classes),
             "method": self.method,
             "method_params": dict(self.method_params),
+            "width": self.width,
         }
 
 
@@ -94,7 +96,7 @@ def _problems(card: ModelCard) -> list[str]:
     out = []
     if not isinstance(card.backbone, str) or not card.backbone:
         out.append(f"backbone must be a non-empty string, got {card.backbone!r}")
-    for name in ("size", "in_channels"):
+    for name in ("size", "in_channels", "width"):
         value = getattr(card, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             out.append(f"{name} must be a positive integer, got {value!r}")
@@ -134,6 +136,7 @@ def write_model_card(
     classes: list[str] | tuple[str, ...],
     method: str,
     method_params: dict[str, Any] | None = None,
+    width: int = 16,
 ) -> Path:
     """Write ``model.json`` beside ``checkpoint`` (atomically: tmp file + rename).
 
@@ -150,6 +153,7 @@ def write_model_card(
         classes=tuple(classes),
         method=method.lower().replace("-", "_"),
         method_params=dict(method_params or {}),
+        width=int(width),
     )
     path = card_path(checkpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,6 +195,7 @@ def read_model_card(checkpoint: str | os.PathLike) -> ModelCard:
             classes=data["classes"],
             method=data["method"],
             method_params=data["method_params"],
+            width=data.get("width", 16),
         )
     except ModelCardError as exc:
         raise ModelCardError(f"{path}: {exc}") from None
@@ -220,6 +225,7 @@ def load_model(
             card.backbone,
             card.num_classes,
             in_channels=card.in_channels,
+            width=card.width,
             device=device,
         )
     except (RuntimeError, ValueError, KeyError) as exc:

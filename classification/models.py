@@ -167,7 +167,7 @@ class SmallCNN(nn.Module):
 
 
 def build_backbone(
-    name: str, num_classes: int, in_channels: int = 1, dropout: float = 0.5
+    name: str, num_classes: int, in_channels: int = 1, dropout: float = 0.5, width: int = 16
 ) -> nn.Module:
     """Build an LRP-ready 2D backbone.
 
@@ -178,12 +178,19 @@ def build_backbone(
         num_classes: number of logits N.
         in_channels: image channels (1 for chest X-rays).
         dropout: dropout probability right before the last linear layer.
+        width: ``small_cnn`` only: channels of its first block; the four blocks have
+            ``(width, 2 * width, 4 * width, 4 * width)`` channels (default 16: 16, 32, 64, 64).
+            Other backbones accept only the default.
 
     Returns:
         A model mapping ``[B, in_channels, H, W]`` to logits ``[B, num_classes]``.
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    if width != 16 and name != "small_cnn":
+        raise ValueError(f"width={width} applies to small_cnn only, not {name!r}")
     if name == "densenet121":
         net: nn.Module = DenseNet121(
             spatial_dims=2, in_channels=in_channels, out_channels=num_classes
@@ -210,7 +217,8 @@ def build_backbone(
         new_fc.load_state_dict(fc.state_dict())
         net.fc = new_fc
     elif name == "small_cnn":
-        net = SmallCNN(num_classes, in_channels, dropout=dropout)
+        widths = (width, 2 * width, 4 * width, 4 * width)
+        net = SmallCNN(num_classes, in_channels, widths=widths, dropout=dropout)
     else:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return make_lrp_ready(net, inplace=True)

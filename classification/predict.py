@@ -47,10 +47,11 @@ def load_classifier(
     num_classes: int,
     *,
     in_channels: int = 1,
+    width: int = 16,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
     """A backbone with the state dict of ``checkpoint`` (loaded with ``weights_only=True``)."""
-    model = build_backbone(backbone, num_classes, in_channels=in_channels)
+    model = build_backbone(backbone, num_classes, in_channels=in_channels, width=width)
     state = torch.load(checkpoint, map_location=device, weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval()

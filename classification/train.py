@@ -96,6 +96,7 @@ class TrainConfig:
     method: str = "standard"
     method_params: dict[str, Any] = field(default_factory=dict)
     backbone: str = "small_cnn"
+    width: int = 16
     size: int = 128
     in_channels: int = 1
     dropout: float = 0.5
@@ -550,10 +551,10 @@ def method_needs_masks(name: str, params: dict[str, Any] | None = None) -> bool:
 
 
 def backbone_factory(
-    name: str, num_classes: int, in_channels: int = 1, dropout: float = 0.5
+    name: str, num_classes: int, in_channels: int = 1, dropout: float = 0.5, width: int = 16
 ) -> Callable[[], nn.Module]:
     """A zero-argument callable building a fresh backbone (for constant tuning)."""
-    return partial(build_backbone, name, num_classes, in_channels, dropout)
+    return partial(build_backbone, name, num_classes, in_channels, dropout, width)
 
 
 def load_splits(
@@ -631,7 +632,9 @@ def train(
     )
     train_loader = build_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
 
-    model_factory = backbone_factory(cfg.backbone, num_classes, cfg.in_channels, cfg.dropout)
+    model_factory = backbone_factory(
+        cfg.backbone, num_classes, cfg.in_channels, cfg.dropout, cfg.width
+    )
 
     method = make_method(
         cfg.method,

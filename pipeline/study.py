@@ -380,9 +380,14 @@ def run_study(
                             classes=classes,
                             method=spec.name,
                             method_params=spec.params,
+                            width=tcfg.width,
                         )
                         model = load_classifier(
-                            run_dir / "best_model.pt", tcfg.backbone, len(classes)
+                            run_dir / "best_model.pt",
+                            tcfg.backbone,
+                            len(classes),
+                            in_channels=tcfg.in_channels,
+                            width=tcfg.width,
                         )
                         model_id = tr.log_model(model)
                         method = build_method(spec.name, **spec.params)

@@ -97,3 +97,26 @@ def test_maxpool2x2_equals_nn_maxpool():
     (gx,) = torch.autograd.grad(out, x, g)
     (gx_ref,) = torch.autograd.grad(ref, x, g)
     torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+
+
+def test_small_cnn_width_and_its_model_card(tmp_path):
+    from classification.model_card import load_model, write_model_card
+
+    wide = build_backbone("small_cnn", 3, width=32)
+    convs = [m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[:4] == [32, 64, 128, 128]
+    assert wide(torch.rand(2, 1, 32, 32)).shape == (2, 3)
+    with pytest.raises(ValueError, match="small_cnn only"):
+        build_backbone("resnet18", 3, width=32)
+    with pytest.raises(ValueError, match="width must be"):
+        build_backbone("small_cnn", 3, width=0)
+    # a checkpoint of a wide net is rebuilt from its card with the same width
+    ckpt = tmp_path / "best_model.pt"
+    torch.save(wide.state_dict(), ckpt)
+    write_model_card(
+        ckpt, backbone="small_cnn", size=32, classes=["a", "b", "c"], method="standard", width=32
+    )
+    model, card = load_model(ckpt)
+    assert card.width == 32
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(model(x), wide.eval()(x))
