@@ -283,6 +283,18 @@ def prediction_columns(classes: Sequence[str]) -> list[str]:
     ]
 
 
+def csv_text(rows: Iterable[Sequence[str]]) -> str:
+    """Rows as CSV text (``\n`` line ends), ready to be written in one call."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def format_value(value: float) -> str:
+    """A probability or share as written to the CSVs: 6 decimals, empty when not finite."""
+    return "" if not math.isfinite(value) else f"{value:.6f}"
+
+
 class _Table:
     """A CSV file that only grows by whole rows.
 
@@ -307,7 +319,7 @@ class _Table:
                 self.rows = list(reader)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._write(self._encode([self.columns]), mode="w")
+            self._write(csv_text([self.columns]), mode="w")
 
     def _repair(self) -> None:
         data = self.path.read_bytes()
@@ -318,13 +330,6 @@ class _Table:
             fh.flush()
             os.fsync(fh.fileno())
 
-    @staticmethod
-    def _encode(rows: Iterable[Sequence[str]]) -> str:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerows(rows)
-        return buf.getvalue()
-
     def _write(self, text: str, mode: str = "a") -> None:
         with self.path.open(mode, newline="") as fh:
             fh.write(text)
@@ -334,7 +339,7 @@ class _Table:
     def append(self, rows: Sequence[dict[str, str]]) -> None:
         """Append complete rows in one write, then fsync."""
         if rows:
-            self._write(self._encode([[r[c] for c in self.columns] for r in rows]))
+            self._write(csv_text([[r[c] for c in self.columns] for r in rows]))
             self.rows.extend(rows)
 
     def drop_stale(self, current: dict[str, tuple[str, str, str]]) -> int:
@@ -346,7 +351,7 @@ class _Table:
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             body = [self.columns] + [[r[c] for c in self.columns] for r in keep]
             with tmp.open("w", newline="") as fh:
-                fh.write(self._encode(body))
+                fh.write(csv_text(body))
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
@@ -413,10 +418,6 @@ def _meta_text(meta: dict[str, Any], key: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return str(value)
-
-
-def _fmt(value: float) -> str:
-    return "" if not math.isfinite(value) else f"{value:.6f}"
 
 
 @torch.no_grad()
@@ -490,13 +491,13 @@ def _infer(
             "pred": classes[int(np.argmax(probs[i]))],
             "seg_ok": str(bool(q["ok"])),
             "seg_flags": ";".join(q["flags"]),
-            "lung_area_fraction": _fmt(float(q["area_fraction"])),
-            "background_share": _fmt(float(bg[i])),
+            "lung_area_fraction": format_value(float(q["area_fraction"])),
+            "background_share": format_value(float(bg[i])),
             "study_pseudo_id": _meta_text(meta, "pseudo_id"),
             "file_size": str(it.file.size),
             "file_mtime_ns": str(it.file.mtime_ns),
         }
-        row.update({f"prob_{c}": _fmt(float(probs[i, k])) for k, c in enumerate(classes)})
+        row.update({f"prob_{c}": format_value(float(probs[i, k])) for k, c in enumerate(classes)})
         rows.append(row)
     return rows
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.batch import BatchInputError, _fmt, _Table, image_identity
+from pipeline.batch import BatchInputError, csv_text, format_value, image_identity
 from pipeline.settings import Settings
 
 __all__ = ["ProbabilityWriter", "bundle_datalist", "bundle_preprocessing"]
@@ -130,7 +130,7 @@ class ProbabilityWriter:
         self._secret = (self.settings or Settings.from_env()).pseudonym_secret()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         header = ["pseudo_id", "rel_path", "pred", *[f"prob_{c}" for c in self.classes]]
-        self.path.write_text(_Table._encode([header]))
+        self.path.write_text(csv_text([header]))
         self.rows = 0
 
     def _rel(self, src: str) -> str:
@@ -145,7 +145,7 @@ class ProbabilityWriter:
             src = str(batch["source"])
             pid = image_identity(src, self._secret or b"").pseudo_id
             pred = self.classes[int(np.argmax(probs))]
-            lines.append([pid, self._rel(src), pred, *[_fmt(float(v)) for v in probs]])
+            lines.append([pid, self._rel(src), pred, *[format_value(float(v)) for v in probs]])
         with self.path.open("a", newline="") as fh:
-            fh.write(_Table._encode(lines))
+            fh.write(csv_text(lines))
         self.rows += len(lines)
