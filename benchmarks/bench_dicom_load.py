@@ -18,8 +18,8 @@ from pathlib import Path
 import pydicom
 from pydicom.data import get_testdata_file
 
-from pipeline.dicom import load_cxr
-from pipeline.settings import Settings
+from cxr_io.readers import load_cxr
+from cxr_io.settings import Settings
 
 
 def main() -> None:

@@ -81,8 +81,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipeline.manifest import load_manifest
-    from pipeline.synthetic import default_sites, make_dataset
+    from cxr_io.manifest import load_manifest
+    from synthetic import default_sites, make_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         manifest = make_dataset(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    from pipeline.synthetic import default_sites, image_seed, make_dataset, render_case
+    from synthetic import default_sites, image_seed, make_dataset, render_case
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n-per-site", type=int, default=300)

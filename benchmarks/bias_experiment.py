@@ -43,7 +43,7 @@ from classification.train import TrainConfig, load_splits, train  # noqa: E402
 def make_data(
     out: Path, n_per_site: int, size: int, corr: float, difficulty: float
 ) -> tuple[Path, Path, str]:
-    from pipeline.synthetic import default_sites, make_bias_test_sets, make_dataset
+    from synthetic import default_sites, make_bias_test_sets, make_dataset
 
     sites = [s for s in default_sites() if s.marker_style != "none"][:2]
     sites = [replace(s, bias_correlation=corr) for s in sites]
@@ -214,7 +214,7 @@ def main() -> None:
     )
     # the train/val split is fixed by the data (manifest ``split`` column); seeds vary training
     splits = load_splits(train_manifest, seed=0)
-    from pipeline.manifest import load_manifest, to_records
+    from cxr_io.manifest import load_manifest, to_records
 
     tdf = load_manifest(test_manifest)
     kinds = ("biased", "unbiased", "confounding")

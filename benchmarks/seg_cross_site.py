@@ -1,6 +1,6 @@
 """Cross-site lung segmentation: train on two synthetic sites, test on the held-out third.
 
-Generates the synthetic set (pipeline.synthetic), trains the U-Net through the bundle config
+Generates the synthetic set (synthetic), trains the U-Net through the bundle config
 ``configs/train_seg.json`` (CPU, small), segments every image of the held-out site with the full
 inference path (resize, threshold, post-processing) and prints Dice / IoU / HD95. Then segments the
 real radiographs shipped with pydicom-data (RG1: adult chest CR; RG3: knee CR) and writes overlay
@@ -43,10 +43,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipeline.manifest import load_manifest
-    from pipeline.synthetic import default_sites, make_dataset
+    from cxr_io.manifest import load_manifest
     from segmentation.metrics import score_mask, summarise
     from segmentation.train import train_seg
+    from synthetic import default_sites, make_dataset
 
     data_dir = args.out / "data"
     manifest = data_dir / "manifest.csv"
@@ -87,7 +87,7 @@ def main() -> None:
     best = json.loads((ckpt.with_suffix(".json")).read_text())
     print(f"model spec: {best}")
 
-    from pipeline.dicom import load_mask
+    from cxr_io.readers import load_mask
     from segmentation.infer import predict_files
 
     test = df[df["site"] == args.test_site].reset_index(drop=True)
@@ -141,8 +141,8 @@ def real_films(ckpt: Path, images_dir: Path) -> None:
     except Exception as exc:  # pydicom-data not installed
         print(f"real films skipped: {exc}")
         return
-    from pipeline.dicom import load_cxr
-    from segmentation.export import save_overlay
+    from cxr_io.readers import load_cxr
+    from evaluation.figures import save_overlay
     from segmentation.infer import predict_files
 
     names = [n for n, f in files.items() if f]

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.fetch import download_wheel
+from cxr_io.fetch import download_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "seg_unet_synthetic.pt"
@@ -94,7 +94,7 @@ def contact_sheet(
     is outlined, fitted into a ``cell`` x ``cell`` square and captioned."""
     from PIL import Image, ImageDraw
 
-    from segmentation.export import overlay_rgb
+    from evaluation.figures import overlay_rgb
 
     rows = -(-len(items) // cols)
     caption_h = 24
@@ -129,9 +129,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipeline.dicom import load_cxr
-    from pipeline.settings import Settings
-    from segmentation.export import save_overlay
+    from cxr_io.readers import load_cxr
+    from cxr_io.settings import Settings
+    from evaluation.figures import save_overlay
     from segmentation.infer import predict_files
 
     films = fetch_films(Settings.from_env().cache_dir)

@@ -1,14 +1,14 @@
 """Lung segmentation on CT-projected radiographs: train on phantoms + CT projections, test on
 held-out CT projections with new poses and lesions (and on the held-out phantom site).
 
-Data (``pipeline.synthetic.make_dataset``; the CT is fetched once by ``pipeline.fetch``):
+Data (``synthetic.make_dataset``; the CT is fetched once by ``cxr_io.fetch``):
 
 - phantom set, seed ``--seed``, sites hospital-a/b/c (the same set ``seg_cross_site.py`` makes);
 - CT training set (``mode="ct"``), seed ``--seed``, the training sites only;
 - CT test set (``mode="ct"``), seed ``--test-seed`` (a different seed: new poses, exposures and
   lesions), all three sites: hospital-a/b = seen acquisition, hospital-c = unseen acquisition.
 - with ``--n-real N``: N phantoms per training site whose lung fields are real lung shapes
-  (``make_dataset(..., lung_shapes="real")``, :mod:`pipeline.lung_shapes`), seed ``--seed + 1``,
+  (``make_dataset(..., lung_shapes="real")``, :mod:`synthetic.lung_shapes`), seed ``--seed + 1``,
   added to the training rows.
 
 Training rows: the ``train``/``val`` splits of the training sites from the phantom and the CT
@@ -52,7 +52,7 @@ def _make(
     workers: int,
     lung_shapes: str = "drawn",
 ) -> Path:
-    from pipeline.synthetic import make_dataset
+    from synthetic import make_dataset
 
     manifest = out / "manifest.csv"
     if manifest.is_file():
@@ -79,7 +79,7 @@ def _make(
 def combined_manifest(parts: dict[str, Path], sites: list[str], out: Path) -> Path:
     """One manifest with the train/val rows of ``sites`` from each source manifest; the source
     name goes into a ``source`` column and is prefixed to ``site`` (``ct:hospital-a``)."""
-    from pipeline.manifest import load_manifest, write_manifest
+    from cxr_io.manifest import load_manifest, write_manifest
 
     frames = []
     for name, path in parts.items():
@@ -106,7 +106,7 @@ def evaluate(ckpt: Path, df: pd.DataFrame) -> dict[str, float]:
     ``hd95_ref2_mean``: HD95 against the reference reduced to its two largest components (the
     CT masks can hold a small third piece, lung below the heart cut off by the heart
     subtraction, which the two-lung post-processing never keeps; it dominates HD95)."""
-    from pipeline.dicom import load_mask
+    from cxr_io.readers import load_mask
     from segmentation.infer import predict_files
     from segmentation.metrics import score_mask, summarise
 
@@ -146,7 +146,7 @@ def main() -> None:
         "--n-real",
         type=int,
         default=0,
-        help="extra phantoms with real lung-field shapes (pipeline.lung_shapes) per training "
+        help="extra phantoms with real lung-field shapes (synthetic.lung_shapes) per training "
         "site, seed --seed + 1 (0: none)",
     )
     ap.add_argument("--epochs", type=int, default=30)
@@ -163,9 +163,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipeline.manifest import load_manifest
-    from pipeline.synthetic import default_sites
+    from cxr_io.manifest import load_manifest
     from segmentation.train import train_seg
+    from synthetic import default_sites
 
     sites = default_sites()
     train_names = [s.name for s in sites if s.name != args.test_site]

@@ -13,6 +13,8 @@ from pathlib import Path
 import typer
 
 from classification.methods import METHOD_NAMES
+from classification.model_card import card_path
+from classification.train import TrainConfig, load_splits, train
 
 train_app = typer.Typer(
     help="Train a chest X-ray classifier (standard, isnet, segment_then_classify, rrr).",
@@ -46,8 +48,6 @@ def train_command(
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
 ) -> None:
     """Train a classifier; prints one line per epoch and where the best model is."""
-    from classification.model_card import write_model_card
-    from classification.train import TrainConfig, load_splits, train
 
     def fail(message: str) -> None:
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -93,24 +93,13 @@ def train_command(
             cfg,
             out,
             num_classes=len(splits["classes"]),
+            classes=splits["classes"],
             resume=resume,
             progress=typer.echo,
         )
     except ValueError as e:
         fail(str(e))
-    (out / "classes.json").write_text(json.dumps(splits["classes"]))
-    card_params = dict(method_params)
-    if result.constants is not None:
-        card_params.update(C1=float(result.constants[0]), C2=float(result.constants[1]))
-    card = write_model_card(
-        result.best_model,
-        backbone=backbone,
-        size=size,
-        in_channels=cfg.in_channels,
-        classes=splits["classes"],
-        method=key,
-        method_params=card_params,
-    )
+    card = card_path(result.best_model)
     if result.constants is not None:
         typer.echo(f"ISNet constants: C1={result.constants[0]:.4g} C2={result.constants[1]:.4g}")
     best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"

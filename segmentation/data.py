@@ -1,7 +1,7 @@
 """Data for the lung U-Net: records from a manifest and the MONAI transform chains.
 
-Images are read by :class:`pipeline.dicom.LoadCXRd` (float ``[1, H, W]`` in [0, 1], bright =
-dense, MONOCHROME1 already inverted) and masks by :class:`pipeline.dicom.LoadMaskd`
+Images are read by :class:`cxr_io.readers.LoadCXRd` (float ``[1, H, W]`` in [0, 1], bright =
+dense, MONOCHROME1 already inverted) and masks by :class:`cxr_io.readers.LoadMaskd`
 (``[1, H, W]`` in {0, 1}). Both are resized to the network size; intensities are rescaled per
 image between the 1st and 99th percentile, so exposure differences between sites matter less.
 
@@ -34,8 +34,8 @@ from monai.transforms import (
     ThresholdIntensityd,
 )
 
-from pipeline.dicom import LoadCXRd, LoadMaskd
-from pipeline.manifest import load_manifest, select, to_records
+from cxr_io.manifest import load_manifest, select, to_records
+from cxr_io.readers import LoadCXRd, LoadMaskd
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Writing lung masks: PNG, NIfTI, DICOM SEG, and an overlay preview.
 
-PNG and NIfTI go through :mod:`pipeline.dicom`'s writers, so a mask read back with
-:func:`pipeline.dicom.load_mask` is the same array ``[H, W]``.
+PNG and NIfTI go through :mod:`cxr_io.readers`'s writers, so a mask read back with
+:func:`cxr_io.readers.load_mask` is the same array ``[H, W]``.
 
 DICOM SEG (:func:`save_dicom_seg`) references the source DICOM image (SOP class/instance UID,
 series) so a viewer shows the mask over its image. A SEG must carry the source's patient and study
@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage
 
-from pipeline.dicom import load_cxr, save_mask_nifti, save_mask_png
+from cxr_io.readers import load_cxr, save_mask_nifti, save_mask_png
+from evaluation.figures import save_overlay
 
 SEG_ALGORITHM_NAME = "isnet-cxr lung U-Net"
 # Type 2 attributes of the patient and study modules a SEG copies from its source; a source that
@@ -40,11 +39,10 @@ _TYPE2_SOURCE_ATTRIBUTES = (
     "AccessionNumber",
     "ReferringPhysicianName",
 )
-OUTLINE_RGB = (255, 48, 48)
 
 
 def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
-    """Bool mask ``[H, W]`` -> 0/255 PNG via :func:`pipeline.dicom.save_mask_png` (folders made)."""
+    """Bool mask ``[H, W]`` -> 0/255 PNG via :func:`cxr_io.readers.save_mask_png` (folders made)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_mask_png(np.asarray(mask, dtype=bool), path)
 
@@ -52,7 +50,7 @@ def write_mask_png(mask: np.ndarray, path: str | os.PathLike) -> Path:
 def write_mask_nifti(
     mask: np.ndarray, path: str | os.PathLike, spacing: tuple[float, float] | None = None
 ) -> Path:
-    """Bool mask ``[H, W]`` -> NIfTI via :func:`pipeline.dicom.save_mask_nifti` (folders made)."""
+    """Bool mask ``[H, W]`` -> NIfTI via :func:`cxr_io.readers.save_mask_nifti` (folders made)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_mask_nifti(np.asarray(mask, dtype=bool), path, spacing=spacing)
 
@@ -161,44 +159,6 @@ def read_dicom_seg(path: str | os.PathLike) -> tuple[np.ndarray, str]:
     ref = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
     uid = str(ref.SourceImageSequence[0].ReferencedSOPInstanceUID)
     return frames.any(axis=0), uid
-
-
-def overlay_rgb(image: np.ndarray, mask: np.ndarray, thickness: int = 2) -> np.ndarray:
-    """Grey image ``[H, W]`` in [0, 1] + bool mask ``[H, W]`` -> uint8 RGB ``[H, W, 3]`` with the
-    mask's outline drawn in :data:`OUTLINE_RGB`."""
-    image = np.asarray(image, dtype=np.float32)
-    mask = np.asarray(mask, dtype=bool)
-    if image.shape != mask.shape:
-        raise ValueError(f"image shape {image.shape} differs from mask shape {mask.shape}")
-    grey = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    inner = ndimage.binary_erosion(mask, iterations=max(1, thickness))
-    rgb[mask & ~inner] = OUTLINE_RGB
-    return rgb
-
-
-def save_overlay(
-    image: np.ndarray,
-    mask: np.ndarray,
-    path: str | os.PathLike,
-    max_size: int | None = 1024,
-    caption: str | None = None,
-) -> Path:
-    """Write the overlay preview PNG, downscaled so its long side is <= ``max_size``."""
-    h, w = np.shape(image)
-    thickness = max(1, round(max(h, w) / (max_size or max(h, w)) * 1.5))
-    img = Image.fromarray(overlay_rgb(image, mask, thickness))
-    if max_size and max(h, w) > max_size:
-        scale = max_size / max(h, w)
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-    if caption:
-        from PIL import ImageDraw
-
-        ImageDraw.Draw(img).text((4, 4), caption, fill=(255, 255, 0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
 
 
 def _is_dicom(path: str) -> bool:

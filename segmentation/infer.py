@@ -25,6 +25,7 @@ from monai.inferers import SimpleInferer
 from monai.transforms import Activationsd, Compose, Invertd, MapTransform
 from scipy import ndimage
 
+from cxr_io.manifest import load_manifest
 from segmentation.data import infer_transforms, spacing_from_meta
 from segmentation.model import SegModelSpec, load_seg_model
 
@@ -320,7 +321,6 @@ def list_images(dataset: str | os.PathLike) -> list[dict[str, str]]:
     Raises:
         FileNotFoundError: when nothing is found.
     """
-    from pipeline.manifest import load_manifest
 
     path = Path(dataset)
     if path.is_dir() and (path / "manifest.csv").is_file():

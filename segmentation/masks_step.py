@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.manifest import load_manifest, write_manifest
+from cxr_io.manifest import load_manifest, write_manifest
 from segmentation.export import write_mask_png
 from segmentation.infer import PostprocessConfig, QualityThresholds, SegResult, predict_files
 
@@ -43,7 +43,7 @@ def write_masks(
     """Segment the manifest's images and write a manifest with ``mask`` filled.
 
     Args:
-        manifest_path: the input manifest (validated by :func:`pipeline.manifest.load_manifest`).
+        manifest_path: the input manifest (validated by :func:`cxr_io.manifest.load_manifest`).
         model_ckpt: a segmentation checkpoint (plain state dict + ``.json`` spec beside it).
         out_dir: receives ``masks/`` and ``manifest.csv``.
         overwrite: also re-segment rows that already have a mask.

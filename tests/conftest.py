@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.settings import Settings
+from cxr_io.settings import Settings
 
 pytest_plugins = ["tests.mlflow_support"]
 

@@ -343,7 +343,7 @@ def test_train_cli_writes_the_model_card(tmp_path) -> None:
     from typer.testing import CliRunner
 
     from classification.cli import train_app
-    from pipeline.synthetic import default_sites, make_dataset
+    from synthetic import default_sites, make_dataset
 
     manifest = make_dataset(
         tmp_path / "data",
@@ -361,7 +361,8 @@ def test_train_cli_writes_the_model_card(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     card = read_model_card(out / "best_model.pt")
     assert card.backbone == "small_cnn" and card.size == SIZE and card.method == "standard"
-    assert list(card.classes) == json.loads((out / "classes.json").read_text())
+    # classes in output order: the sorted labels of the manifest (one source: the card)
+    assert list(card.classes) == sorted(set(pd.read_csv(manifest)["label"]))
     # the trained model runs in a batch over the synthetic DICOMs
     s = run_batch(manifest, out / "best_model.pt", tmp_path / "b", progress=False)
     assert s.predictions >= 8

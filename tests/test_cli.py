@@ -9,6 +9,7 @@ import pandas as pd
 from PIL import Image
 from typer.testing import CliRunner
 
+from evaluation.figures import OUTLINE_RGB
 from pipeline.cli import app
 from tests.dicom_factory import write_cxr_dicom
 
@@ -37,7 +38,7 @@ def test_synth_check_and_show(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     rgb = np.asarray(Image.open(preview))
     assert rgb.shape == (64, 64, 3)
-    outline = (rgb[..., 0] == 255) & (rgb[..., 1] == 64)
+    outline = np.all(rgb == OUTLINE_RGB, axis=-1)
     assert 20 < outline.sum() < 64 * 64 // 4  # the lung outline is drawn, not the whole image
     assert "anon-" in res.output  # pseudonymous id, never the header's PatientID
     assert "PatientID" not in res.output

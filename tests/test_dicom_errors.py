@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pydicom.uid import MPEG2MPML, JPEG2000Lossless, JPEGLosslessSV1
 
-from pipeline.dicom import (
+from cxr_io.readers import (
     AbsurdDimensionsError,
     CXRReadError,
     MissingDecoderError,

@@ -13,7 +13,8 @@ from PIL import Image
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from pipeline.dicom import (
+from cxr_io.privacy import pseudonymous_id
+from cxr_io.readers import (
     LoadCXR,
     LoadCXRd,
     LoadMaskd,
@@ -21,11 +22,10 @@ from pipeline.dicom import (
     UnsupportedImageError,
     load_cxr,
     load_mask,
-    pseudonymous_id,
     save_mask_nifti,
     save_mask_png,
 )
-from pipeline.settings import Settings
+from cxr_io.settings import Settings
 from tests.dicom_factory import FAKE_PATIENT, ramp, write_cxr_dicom
 
 ATOL = 1e-6

@@ -10,7 +10,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
-from pipeline.dicom import load_cxr
+from cxr_io.readers import load_cxr
 from tests.dicom_factory import ramp, write_cxr_dicom
 
 ATOL = 1e-6  # float32 output

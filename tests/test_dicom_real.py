@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from pipeline.dicom import LoadCXRd, load_cxr
+from cxr_io.readers import LoadCXRd, load_cxr
 
 
 def _real(name: str):

@@ -22,6 +22,8 @@ import torch
 from classification.models import build_backbone
 from tests.test_train import SIZE, make_tiny_manifest
 
+pytestmark = pytest.mark.slow  # end to end through real engines
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 WORLD = 2

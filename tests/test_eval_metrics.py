@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.eval_metrics import (
+from evaluation.metrics import (
     compute_metrics,
     evaluate,
     metric_names,

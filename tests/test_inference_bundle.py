@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from pipeline.batch import BatchInputError, run_batch
-from pipeline.inference_bundle import bundle_datalist
+from pipeline.batch import run_batch
 from tests.dicom_factory import write_cxr_dicom
 from tests.test_batch import CLASSES, chest_like, make_model, planted
+
+pytestmark = pytest.mark.slow  # end to end through real engines
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference.json"
@@ -67,12 +68,3 @@ def test_bundle_runs_and_matches_the_batch_run(tmp_path) -> None:
     for i in range(5):
         for value in planted(i).values():
             assert value.lower() not in text
-
-
-def test_bundle_refuses_masked_model_without_masks(tmp_path) -> None:
-    from classification.model_card import read_model_card
-
-    data = make_folder(tmp_path / "data", n=1)
-    ckpt = make_model(tmp_path / "model", "segment_then_classify")
-    with pytest.raises(BatchInputError, match="mask"):
-        bundle_datalist(data, read_model_card(ckpt))

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.lung_shapes import load_lung_shapes, sample_lung_pair, shapes_path, split_pair
-from pipeline.settings import Settings
-from pipeline.synthetic import default_sites, image_seed, make_dataset, render_case
+from cxr_io.settings import Settings
+from synthetic import default_sites, image_seed, make_dataset, render_case
+from synthetic.lung_shapes import load_lung_shapes, sample_lung_pair, shapes_path, split_pair
 
 pytestmark = pytest.mark.network_data
 

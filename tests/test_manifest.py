@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.manifest import (
+from cxr_io.manifest import (
     ManifestError,
     build_from_folders,
     class_names,

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.eval_metrics import evaluate
-from pipeline.report import (
+from evaluation.metrics import evaluate
+from evaluation.report import (
     format_ci,
     metric_table,
     plot_confusion,

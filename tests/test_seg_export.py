@@ -7,12 +7,11 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pipeline.dicom import load_mask
+from cxr_io.readers import load_mask
+from evaluation.figures import OUTLINE_RGB, save_overlay
 from segmentation.export import (
-    OUTLINE_RGB,
     read_dicom_seg,
     save_dicom_seg,
-    save_overlay,
     write_mask_nifti,
     write_mask_png,
 )

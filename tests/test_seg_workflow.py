@@ -15,8 +15,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 from monai.handlers import from_engine
 
-from pipeline.dicom import load_mask
-from pipeline.manifest import load_manifest, write_manifest
+from cxr_io.manifest import load_manifest, write_manifest
+from cxr_io.readers import load_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CFG = str(ROOT / "configs" / "train_seg.json")
@@ -27,7 +27,7 @@ TINY = {"spatial_size": [64, 64], "batch_size": 4, "learning_rate": 0.01, "val_s
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from pipeline.synthetic import default_sites, make_dataset
+    from synthetic import default_sites, make_dataset
 
     out = tmp_path_factory.mktemp("seg_data")
     sites = default_sites()[:2]

@@ -11,12 +11,14 @@ import pydicom
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.dicom import CXRReadError
-from pipeline.manifest import load_manifest
+from cxr_io.manifest import load_manifest
+from cxr_io.readers import CXRReadError
+from pipeline import Predictor
 from pipeline.study import StudyConfig, plan_folds, run_study, synthetic_layout
-from pipeline.synthetic import default_sites, make_bias_test_sets, make_dataset
+from synthetic import default_sites, make_bias_test_sets, make_dataset
 
 pytestmark = [
+    pytest.mark.slow,  # end to end: data, masks, training, evaluation, MLflow
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -126,6 +128,12 @@ def test_tiny_study_into_sqlite_store(tiny_data, tmp_path):
         assert {i.tags[0].value for i in tr.inputs.dataset_inputs} == {"training"}
         assert tr.data.tags.get("train.model_id")
         assert "train_ce" in tr.data.metrics
+    # the model artifact of a training run loads from the store alone
+
+    p = Predictor.load(
+        f"runs:/{trains[0].info.run_id}/model_artifact", tracking_uri=res.tracking_uri
+    )
+    assert trains[0].data.tags["method"].startswith(p.card.method) and len(p.classes) == 3
     artifacts = {a.path for a in client.list_artifacts(res.run_id)}
     assert {"report.html", "results.csv", "paired_tests.csv"} <= artifacts
 
@@ -191,11 +199,11 @@ def test_crash_marks_runs_failed_and_rerun_resumes(tiny_data, tmp_path):
 def test_study_against_real_mlflow_server(tiny_data, tmp_path, mlflow_server, monkeypatch):
     url = mlflow_server.url()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    cfg = replace(_config(tiny_data, ["standard"], "server-study"), masks="segmenter")
+    cfg = replace(_config(tiny_data, ["standard"], "server-study-e2e"), masks="segmenter")
     res = run_study(cfg, tmp_path / "out", command="pytest", log=lambda _: None)
     assert res.tracking_uri == url
     client = MlflowClient(url)
-    runs = client.search_runs([client.get_experiment_by_name("server-study").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("server-study-e2e").experiment_id])
     assert len(runs) == 1 + 1 + 5 and {r.info.status for r in runs} == {"FINISHED"}
     assert "report.html" in {a.path for a in client.list_artifacts(res.run_id)}
     assert not (tmp_path / "out" / "mlflow" / "mlruns.db").exists()

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import (
+from synthetic import (
     CLASSES,
     CR_STORAGE,
     DX_STORAGE,
@@ -89,7 +89,7 @@ def test_manifest_columns_splits_and_ids(tmp_path):
     header_ids = {str(h.PatientID) for h in headers}
     assert not header_ids & set(df["patient_id"])
     assert set(df["bias"]) <= {"", *CLASSES}
-    from pipeline.manifest import load_manifest
+    from cxr_io.manifest import load_manifest
 
     loaded = load_manifest(m, labels=CLASSES)
     assert len(loaded) == 60 and Path(loaded["image"].iloc[0]).is_file()
@@ -285,7 +285,7 @@ def test_render_previews(tmp_path):
 
 @pytest.mark.parametrize("apply_voi", [True, False])
 def test_load_cxr_reads_bright_dense(tmp_path, apply_voi):
-    from pipeline.dicom import load_cxr, load_mask
+    from cxr_io.readers import load_cxr, load_mask
 
     m = make_dataset(tmp_path, _sites(), n_per_site=1, size=SIZE, seed=0, workers=1, progress=False)
     df = _read_manifest(m)

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.settings import Settings
-from pipeline.synthetic import CLASSES, default_sites, image_seed, make_dataset
-from pipeline.synthetic_ct import fetch_ct, render_ct_case
+from cxr_io.settings import Settings
+from synthetic import CLASSES, default_sites, image_seed, make_dataset
+from synthetic.ct import fetch_ct, render_ct_case
 
 pytestmark = pytest.mark.network_data
 

@@ -13,16 +13,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline.eval_metrics import evaluate
-from pipeline.tracking import (
-    PrivacyError,
-    StudyTracker,
-    assert_no_identifiers,
-    flatten_params,
-    load_model,
-    pseudonymous_frame,
-    resolve_tracking_uri,
-)
+from cxr_io.privacy import PrivacyError, assert_no_identifiers, pseudonymous_frame
+from evaluation.metrics import evaluate
+from pipeline.tracking import StudyTracker, flatten_params, load_model, resolve_tracking_uri
 
 CLASSES = ["normal", "pneumonia", "covid"]
 
@@ -258,10 +251,11 @@ def test_helpers(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- real server
 
 
+@pytest.mark.slow
 def test_study_against_real_server_with_crash_and_rerun(mlflow_server, tmp_path):
     url = mlflow_server.url()
     client = MlflowClient(url)
-    name = "server-study"
+    name = "server-study-tracking"
     with pytest.raises(RuntimeError, match="injected crash"):
         _run_study(url, name, crash_dataset="siteA")
     exp = client.get_experiment_by_name(name)

@@ -25,7 +25,7 @@ SIZE = 32
 
 def make_tiny_manifest(out: Path, n: int = 12, seed: int = 0) -> Path:
     """A real synthetic set (DICOM + PNG masks + manifest), one biased site, 32 px."""
-    from pipeline.synthetic import default_sites, make_dataset
+    from synthetic import default_sites, make_dataset
 
     return make_dataset(
         out, default_sites()[:1], n_per_site=n, size=SIZE, seed=seed, workers=1, progress=False

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
 from classification.models import build_backbone
 from tests.test_train import SIZE, make_tiny_manifest
+
+pytestmark = pytest.mark.slow  # end to end through real engines
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "train.json")

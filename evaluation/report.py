@@ -4,7 +4,7 @@ The results frame given to :func:`write_report` has one row per (method, dataset
 
 - ``method``, ``dataset``, ``kind`` (``internal``, ``external``, ``biased``, ``unbiased`` or
   ``confounding``);
-- metric columns named as :mod:`pipeline.eval_metrics` names them, each with
+- metric columns named as :mod:`evaluation.metrics` names them, each with
   ``<name>_ci_low`` / ``<name>_ci_high`` (e.g. ``auroc_macro``, ``auroc_macro_ci_low``, ...);
 - optionally ``background_relevance`` (share of positive relevance outside the lungs, 0..1),
   with or without CI columns.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.eval_metrics import compute_metrics, metric_safe_names, roc_curve
+from evaluation.metrics import compute_metrics, metric_safe_names, roc_curve
 
 KIND_ORDER = ("internal", "biased", "unbiased", "confounding", "external")
 METRIC_LABELS = {

@@ -2,7 +2,7 @@
 
 ``torchxrayvision==1.5.7`` ships ``torchxrayvision/data/semantic_masks_v7labs_lungs.zip``: 517 real
 binary lung masks (V7 Labs annotations, Apache-2.0). The wheel is fetched once with pip's own client
-(:func:`pipeline.fetch.download_wheel`) and read with ``zipfile``; the package is never imported.
+(:func:`cxr_io.fetch.download_wheel`) and read with ``zipfile``; the package is never imported.
 Masks are thresholded at 128, resized to ``S x S`` (area, then threshold at 0.5), split into the two
 lungs by connected components, and kept only when they look like a pair of lung fields (see
 :func:`split_pair`). The result is cached as one ``.npz`` in ``settings.cache_dir``.
@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.fetch import FetchError, download_wheel
-from pipeline.settings import Settings
+from cxr_io.fetch import FetchError, download_wheel
+from cxr_io.settings import Settings
 
 PACKAGE = "torchxrayvision==1.5.7"
 MEMBER = "torchxrayvision/data/semantic_masks_v7labs_lungs.zip"

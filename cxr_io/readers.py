@@ -41,8 +41,6 @@ Every failure raises a subclass of :class:`CXRReadError` naming the file, the pr
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import math
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
@@ -56,7 +54,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from pipeline.settings import Settings
+from cxr_io.privacy import pseudonymous_id
+from cxr_io.settings import Settings
 
 __all__ = [
     "AbsurdDimensionsError",
@@ -77,7 +76,6 @@ __all__ = [
     "UnsupportedImageError",
     "load_cxr",
     "load_mask",
-    "pseudonymous_id",
     "save_mask_nifti",
     "save_mask_png",
 ]
@@ -226,12 +224,6 @@ _OTHER_IMAGE_SUFFIXES = (".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2", ".j2k
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
-
-
-def pseudonymous_id(patient_id: str, study_uid: str, secret: bytes) -> str:
-    """Keyed hash (HMAC-SHA256) of PatientID and StudyInstanceUID: ``"anon-" + 16 hex digits``."""
-    msg = f"{patient_id}\x00{study_uid}".encode()
-    return "anon-" + hmac.new(secret, msg, hashlib.sha256).hexdigest()[:16]
 
 
 def load_cxr(

