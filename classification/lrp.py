@@ -3,9 +3,10 @@
 For a ReLU network, LRP-epsilon is the gradient of the explained score in which the backward signal
 at every ReLU is multiplied by ``a / (a + eps)`` (``a`` = that ReLU's output), times the input.
 Everything between two ReLUs (conv, BatchNorm, pooling, concatenation, residual sums, dropout,
-flatten, linear) is one linear map handled by ordinary autograd (see ``docs`` in
-``/work/shared/isnet-method.md`` section 4). The first layer (input -> Conv2d -> [BatchNorm] ->
-first ReLU) optionally uses the z^B rule with the true input bounds.
+flatten, linear) is one linear map handled by ordinary autograd (method: ``docs/isnet-method.md``
+section 4, after Bassi et al., Nat Commun 15:291 (2024) and Bach et al., PLoS ONE (2015); engine and
+tests: ``docs/lrp.md``). The first layer (input -> Conv2d -> [BatchNorm] -> first ReLU) optionally
+uses the z^B rule with the true input bounds.
 
 How exactness of the second-order (training) gradients is obtained:
 
@@ -18,12 +19,20 @@ How exactness of the second-order (training) gradients is obtained:
   backward (ReLU: ``g * a/(a+eps)``; BatchNorm: ``g * scale`` with no gradient into the batch
   statistics, so samples do not leak into each other's heatmaps). When the ``with`` block exits the
   switch goes OFF, so when the caller later back-propagates a loss through the same forward graph,
-  the nodes give the ordinary ReLU and BatchNorm derivatives (condition 2 of isnet-method.md
-  section 4). The cross-entropy gradient through the returned logits is thus the normal gradient.
+  the nodes give the ordinary ReLU and BatchNorm derivatives (condition 2 of
+  ``docs/isnet-method.md`` section 4). The cross-entropy gradient through the returned logits
+  is thus the normal gradient.
 
 BatchNorm running statistics: in train mode the patched BatchNorm updates ``running_mean``,
 ``running_var`` and ``num_batches_tracked`` exactly like ``nn.BatchNorm`` does in one forward (one
 update per forward, as in a standard training step). In eval mode nothing is changed.
+
+Refused models (``LRPUnsupportedError``; ``docs/isnet-method.md`` sections 4 and 8): reused or
+in-place ReLU modules, activation/normalisation modules without a rule, functional non-linearities
+in forward code (``F.relu``, ``x.relu()``, ``clamp``, ``F.gelu``, ``torch.sigmoid``, ...: found by a
+``TorchFunctionMode`` on the first LRP forward of each model structure and train/eval mode, then
+cached), and, under the z^B rule, an input / first-layer tensor that also feeds another path to
+the output (found from the autograd graph, also once per model structure).
 """
 
 from __future__ import annotations
