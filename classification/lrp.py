@@ -506,6 +506,12 @@ class LRPFlex:
             (relevance = modified gradient x input).
         at: optional qualified module name; its output is recorded, and ``relevance`` returns
             relevance at that tensor (exact LRP there) instead of at the input.
+
+    Raises:
+        LRPUnsupportedError: on entry for unsupported modules; in the first forward of a model
+            structure (and train/eval mode) for a functional non-linearity in forward code; in
+            every forward for a reused ReLU; in ``relevance`` (z^B, first call) when the input or
+            the first conv / BatchNorm output also feeds another path to the output.
     """
 
     def __init__(
@@ -919,6 +925,10 @@ def lrp_heatmaps(
 
     Returns:
         ``(logits [B, N], R [B, K, C, H, W])``.
+
+    Raises:
+        LRPUnsupportedError: the model cannot be explained exactly (see `LRPFlex`); the message
+            names the module or call and what to do.
     """
     if x.dim() < 2:
         raise ValueError(f"x must be [B, C, ...], got shape {tuple(x.shape)}")
