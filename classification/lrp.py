@@ -3,9 +3,10 @@
 For a ReLU network, LRP-epsilon is the gradient of the explained score in which the backward signal
 at every ReLU is multiplied by ``a / (a + eps)`` (``a`` = that ReLU's output), times the input.
 Everything between two ReLUs (conv, BatchNorm, pooling, concatenation, residual sums, dropout,
-flatten, linear) is one linear map handled by ordinary autograd (see ``docs`` in
-``/work/shared/isnet-method.md`` section 4). The first layer (input -> Conv2d -> [BatchNorm] ->
-first ReLU) optionally uses the z^B rule with the true input bounds.
+flatten, linear) is one linear map handled by ordinary autograd (method: ``docs/isnet-method.md``
+section 4, after Bassi et al., Nat Commun 15:291 (2024) and Bach et al., PLoS ONE (2015); engine and
+tests: ``docs/lrp.md``). The first layer (input -> Conv2d -> [BatchNorm] -> first ReLU) optionally
+uses the z^B rule with the true input bounds.
 
 How exactness of the second-order (training) gradients is obtained:
 
@@ -18,16 +19,25 @@ How exactness of the second-order (training) gradients is obtained:
   backward (ReLU: ``g * a/(a+eps)``; BatchNorm: ``g * scale`` with no gradient into the batch
   statistics, so samples do not leak into each other's heatmaps). When the ``with`` block exits the
   switch goes OFF, so when the caller later back-propagates a loss through the same forward graph,
-  the nodes give the ordinary ReLU and BatchNorm derivatives (condition 2 of isnet-method.md
-  section 4). The cross-entropy gradient through the returned logits is thus the normal gradient.
+  the nodes give the ordinary ReLU and BatchNorm derivatives (condition 2 of
+  ``docs/isnet-method.md`` section 4). The cross-entropy gradient through the returned logits
+  is thus the normal gradient.
 
 BatchNorm running statistics: in train mode the patched BatchNorm updates ``running_mean``,
 ``running_var`` and ``num_batches_tracked`` exactly like ``nn.BatchNorm`` does in one forward (one
 update per forward, as in a standard training step). In eval mode nothing is changed.
+
+Refused models (``LRPUnsupportedError``; ``docs/isnet-method.md`` sections 4 and 8): reused or
+in-place ReLU modules, activation/normalisation modules without a rule, functional non-linearities
+in forward code (``F.relu``, ``x.relu()``, ``clamp``, ``F.gelu``, ``torch.sigmoid``, ...: found by a
+``TorchFunctionMode`` on the first LRP forward of each model structure and train/eval mode, then
+cached), and, under the z^B rule, an input / first-layer tensor that also feeds another path to
+the output (found from the autograd graph, also once per model structure).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,35 +101,80 @@ _UNSUPPORTED_MODULES: tuple[type[nn.Module], ...] = (
 )
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
-# Functional non-linearities detected during a probe forward (outside nn.ReLU modules).
-_BANNED_FUNCS: dict[Any, str] = {
-    F.relu: "functional relu",
-    torch.relu: "functional relu",
-    torch.relu_: "functional in-place relu",
-    F.relu_: "functional in-place relu",
-    torch.Tensor.relu: "Tensor.relu",
-    torch.Tensor.relu_: "Tensor.relu_",
-    F.gelu: "GELU",
-    F.silu: "SiLU/Swish",
-    F.elu: "ELU",
-    F.selu: "SELU",
-    F.celu: "CELU",
-    F.leaky_relu: "LeakyReLU",
-    F.prelu: "PReLU",
-    F.mish: "Mish",
-    F.hardswish: "Hardswish",
-    F.softplus: "Softplus",
-    torch.sigmoid: "sigmoid",
-    torch.Tensor.sigmoid: "sigmoid",
-    torch.tanh: "tanh",
-    torch.Tensor.tanh: "tanh",
-    F.layer_norm: "layer_norm",
-    F.group_norm: "group_norm",
-    F.instance_norm: "instance_norm",
-    F.softmax: "softmax",
-    torch.softmax: "softmax",
-    torch.Tensor.softmax: "softmax",
-}
+# Functional non-linearities refused when called in a module's forward code (outside an nn.ReLU
+# or BatchNorm module, whose forward LRP-Flex replaces): (namespace, names, relu_like).
+_BANNED_SPEC: tuple[tuple[str, Any, tuple[str, ...], bool], ...] = (
+    ("F", F, ("relu", "relu_", "threshold", "threshold_", "relu6", "hardtanh", "hardtanh_"), True),
+    ("torch", torch, ("relu", "relu_", "threshold", "threshold_"), True),
+    ("torch", torch, ("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_max"), True),
+    ("Tensor", torch.Tensor, ("relu", "relu_", "clamp", "clamp_", "clip", "clip_"), True),
+    ("Tensor", torch.Tensor, ("clamp_min", "clamp_min_", "clamp_max", "clamp_max_"), True),
+    (
+        "F",
+        F,
+        (
+            "gelu", "silu", "elu", "elu_", "selu", "celu", "leaky_relu", "leaky_relu_", "prelu",
+            "rrelu", "mish", "hardswish", "hardsigmoid", "softplus", "softsign", "tanhshrink",
+            "softshrink", "hardshrink", "logsigmoid", "glu", "softmax", "log_softmax", "softmin",
+            "layer_norm", "group_norm", "instance_norm", "local_response_norm", "normalize",
+            "scaled_dot_product_attention",
+        ),
+        False,
+    ),
+    (
+        "torch",
+        torch,
+        (
+            "sigmoid", "sigmoid_", "tanh", "tanh_", "selu", "celu", "prelu", "rrelu", "softmax",
+            "log_softmax", "layer_norm", "group_norm", "instance_norm", "abs", "abs_", "exp",
+            "log", "sqrt", "rsqrt", "pow", "square", "erf", "reciprocal", "sin", "cos", "norm",
+        ),
+        False,
+    ),
+    (
+        "Tensor",
+        torch.Tensor,
+        (
+            "sigmoid", "sigmoid_", "tanh", "tanh_", "softmax", "log_softmax", "abs", "abs_",
+            "exp", "exp_", "log", "log_", "sqrt", "sqrt_", "rsqrt", "rsqrt_", "pow", "pow_",
+            "square", "square_", "erf", "reciprocal", "sin", "cos", "norm",
+        ),
+        False,
+    ),
+)  # fmt: skip
+
+
+def _banned_table() -> dict[Any, tuple[str, bool]]:
+    """``{function: (display name, relu_like)}`` for every refused functional non-linearity."""
+    table: dict[Any, tuple[str, bool]] = {}
+    for prefix, namespace, names, relu_like in _BANNED_SPEC:
+        for n in names:
+            func = getattr(namespace, n, None)
+            if func is not None:
+                table.setdefault(func, (f"{prefix}.{n}", relu_like))
+    return table
+
+
+_BANNED_FUNCS = _banned_table()
+
+
+def _functional_message(module_name: str, what: str, relu_like: bool) -> str:
+    where = f"module '{module_name or '<root>'}' calls {what} in its forward code"
+    if relu_like:
+        fix = (
+            f"Use one nn.ReLU() module instance per activation instead (e.g. `self.act2 = "
+            f"nn.ReLU()` in __init__ and `self.act2(x)` in forward), never {what}"
+        )
+    else:
+        fix = (
+            "LRP-Flex supports ReLU networks only: replace it by an nn.ReLU module instance, or "
+            "use a ReLU backbone (classification.models.build_backbone)"
+        )
+    return (
+        f"{where}, not through an nn.ReLU module of its own: LRP-Flex gives its rule only at "
+        f"nn.ReLU modules, so this non-linearity would get none and the heatmap would be "
+        f"silently wrong. {fix}."
+    )
 
 
 def _static_check(model: nn.Module) -> None:
@@ -140,23 +195,101 @@ def _static_check(model: nn.Module) -> None:
 
 
 class _ProbeMode(TorchFunctionMode):
-    """Records functional non-linearities called outside an nn.ReLU module."""
+    """Raises `LRPUnsupportedError` at the first functional non-linearity called outside an
+    nn.ReLU / BatchNorm module (``stack`` is the module call stack kept by forward hooks).
+
+    Calls made inside those modules are allowed: LRP-Flex replaces their forward. The mode sees
+    only top-level torch calls (not the ones nested inside another torch function), which is
+    what user forward code makes.
+    """
 
     def __init__(self, stack: list[tuple[str, nn.Module]]) -> None:
         super().__init__()
         self.stack = stack
-        self.problem: str | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.problem is None and func in _BANNED_FUNCS:
-            inside = self.stack[-1] if self.stack else ("<root>", None)
-            if not (isinstance(inside[1], nn.ReLU) and func in (F.relu, torch.relu)):
-                self.problem = (
-                    f"module '{inside[0] or '<root>'}' calls {_BANNED_FUNCS[func]} in its forward "
-                    f"code (not through its own nn.ReLU module)"
-                )
+        hit = _BANNED_FUNCS.get(func)
+        if hit is not None:
+            name, inner = self.stack[-1] if self.stack else ("", None)
+            if not isinstance(inner, (nn.ReLU, _BatchNorm)):
+                raise LRPUnsupportedError(_functional_message(name, *hit))
         return func(*args, **kwargs)
+
+
+def _stack_hooks(model: nn.Module, stack: list[tuple[str, nn.Module]]) -> list[Any]:
+    """Forward pre/post hooks on every module that keep ``stack`` = the modules being run."""
+
+    def pre(name: str, module: nn.Module):
+        def hook(_m, _args):
+            stack.append((name, module))
+
+        return hook
+
+    def post(_m, _args, _out):
+        if stack:
+            stack.pop()
+
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(pre(name, m)))
+        handles.append(m.register_forward_hook(post))
+    return handles
+
+
+# Models (weakly referenced) whose forward passed the probes, per structure fingerprint:
+# {model: (fingerprint, {("forward" | "zb", training flag)})}. The probes then run once per model
+# structure and train/eval mode, not at every training step.
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], set[tuple[str, bool]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
+    """Identity of the module tree: every module's id, class and instance-level forward."""
+    return tuple((id(m), type(m), id(m.__dict__.get("forward"))) for m in model.modules())
+
+
+def _verified(model: nn.Module, fingerprint: tuple[Any, ...]) -> set[tuple[str, bool]]:
+    entry = _VERIFIED.get(model)
+    if entry is None or entry[0] != fingerprint:
+        return set()
+    return entry[1]
+
+
+def _mark_verified(model: nn.Module, fingerprint: tuple[Any, ...], kind: tuple[str, bool]) -> None:
+    entry = _VERIFIED.get(model)
+    if entry is None or entry[0] != fingerprint:
+        entry = (fingerprint, set())
+        _VERIFIED[model] = entry
+    entry[1].add(kind)
+
+
+def _count_uses(roots: list[Tensor], targets: dict[str, Tensor]) -> dict[str, int]:
+    """How many autograd edges reachable from ``roots`` consume each target tensor.
+
+    A target with a ``grad_fn`` is matched by ``(grad_fn, output_nr)``, a leaf by its
+    ``AccumulateGrad`` node. Uses that do not reach ``roots`` (or are not differentiable) carry
+    no gradient, hence no relevance, and are not counted.
+    """
+    counts = dict.fromkeys(targets, 0)
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen = {id(n): n for n in stack}  # values keep the node objects alive while ids are used
+    while stack:
+        node = stack.pop()
+        for nxt, nr in node.next_functions:
+            if nxt is None:
+                continue
+            variable = getattr(nxt, "variable", None)
+            for key, t in targets.items():
+                if (t.grad_fn is not None and nxt is t.grad_fn and nr == t.output_nr) or (
+                    t.grad_fn is None and variable is t
+                ):
+                    counts[key] += 1
+            if id(nxt) not in seen:
+                seen[id(nxt)] = nxt
+                stack.append(nxt)
+    return counts
 
 
 def check_lrp_ready(model: nn.Module, example_input: Tensor | None = None) -> None:
@@ -168,38 +301,34 @@ def check_lrp_ready(model: nn.Module, example_input: Tensor | None = None) -> No
     With ``example_input`` (e.g. ``[1, C, H, W]``) also a probe forward (eval mode, no grad; train
     flags, parameters and buffers are restored/untouched) that detects a ReLU module called more
     than once in one forward (reused ReLU) and functional non-linearities (``F.relu``,
-    ``torch.sigmoid``, ``F.gelu``, ...) called in a module's forward code. ``LRPFlex`` also detects
-    reused ReLUs during every LRP forward.
+    ``x.relu()``, ``clamp``, ``torch.sigmoid``, ``F.gelu``, ...) called in a module's forward
+    code. ``LRPFlex`` runs the same functional probe on its first forward of each model (and the
+    reused-ReLU check on every forward), so ``lrp_heatmaps`` refuses these models too.
     """
     _static_check(model)
     if example_input is None:
         return
     stack: list[tuple[str, nn.Module]] = []
     calls: dict[str, int] = {}
-    handles = []
     reused: list[str] = []
 
-    def pre(name: str, module: nn.Module):
+    def count(name: str):
         def hook(_m, _args):
-            stack.append((name, module))
-            if isinstance(module, nn.ReLU):
-                calls[name] = calls.get(name, 0) + 1
-                if calls[name] == 2:
-                    reused.append(name)
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 2:
+                reused.append(name)
 
         return hook
 
-    def post(_m, _args, _out):
-        stack.pop()
-
     flags = {m: m.training for m in model.modules()}
+    handles = []
     try:
+        handles += _stack_hooks(model, stack)
         for name, m in model.named_modules():
-            handles.append(m.register_forward_pre_hook(pre(name, m)))
-            handles.append(m.register_forward_hook(post))
+            if isinstance(m, nn.ReLU):
+                handles.append(m.register_forward_pre_hook(count(name)))
         model.eval()
-        mode = _ProbeMode(stack)
-        with torch.no_grad(), mode:
+        with torch.no_grad(), _ProbeMode(stack):
             model(example_input)
     finally:
         for h in handles:
@@ -211,8 +340,6 @@ def check_lrp_ready(model: nn.Module, example_input: Tensor | None = None) -> No
             f"module '{reused[0]}' (nn.ReLU) is called more than once in one forward (a reused "
             f"ReLU); LRP-Flex requires every ReLU to be its own module instance. {_FIX}"
         )
-    if mode.problem is not None:
-        raise LRPUnsupportedError(f"{mode.problem}; LRP-Flex cannot see it. {_FIX}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +471,9 @@ class _FlexBatchNorm(torch.autograd.Function):
 class _Records:
     """What one LRP forward recorded (reset at every forward of the root module)."""
 
-    root_input: Tensor | None = None
+    root_input: Tensor | None = None  # what the model ran on (a grad leaf during the z^B probe)
+    user_input: Tensor | None = None  # the tensor the caller passed
+    root_output: Any = None  # recorded during the z^B probe only
     relu_calls: dict[str, int] = field(default_factory=dict)
     first_conv: tuple[nn.Module, Tensor] | None = None  # (conv module, its output)
     first_bn: tuple[Tensor, Tensor, Tensor] | None = None  # (input, output, scale)
@@ -377,6 +506,12 @@ class LRPFlex:
             (relevance = modified gradient x input).
         at: optional qualified module name; its output is recorded, and ``relevance`` returns
             relevance at that tensor (exact LRP there) instead of at the input.
+
+    Raises:
+        LRPUnsupportedError: on entry for unsupported modules; in the first forward of a model
+            structure (and train/eval mode) for a functional non-linearity in forward code; in
+            every forward for a reused ReLU; in ``relevance`` (z^B, first call) when the input or
+            the first conv / BatchNorm output also feeds another path to the output.
     """
 
     def __init__(
@@ -404,6 +539,9 @@ class LRPFlex:
         self._patched: list[tuple[nn.Module, Any]] = []
         self._handles: list[Any] = []
         self._names = {m: n for n, m in model.named_modules()}
+        self._fingerprint: tuple[Any, ...] = ()
+        self._probe_forward = False
+        self._probe_zb = False
         if at is not None and at not in dict(model.named_modules()):
             raise KeyError(f"LRPFlex(at={at!r}): the model has no module named {at!r}")
 
@@ -466,8 +604,39 @@ class LRPFlex:
 
         return forward
 
-    def _root_pre_hook(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
-        self._records = _Records(root_input=args[0] if args else None)
+    def _root_pre_hook(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0] if args else None
+        self._records = _Records(root_input=x, user_input=x)
+        if (
+            self._probe_zb
+            and isinstance(x, Tensor)
+            and not x.requires_grad
+            and torch.is_grad_enabled()
+        ):
+            # z^B probe: run on a grad leaf copy so that every differentiable use of the input
+            # appears in the graph (`_check_single_path`); the z^B rule itself uses `user_input`
+            leaf = x.detach().requires_grad_(True)
+            self._records.root_input = leaf
+            return (leaf, *args[1:])
+        return None
+
+    def _root_hook(self, _module: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+        self._records.root_output = out
+
+    def _probing_forward(self, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """Root forward run under `_ProbeMode` (first LRP forward of a model structure)."""
+        stack: list[tuple[str, nn.Module]] = []
+        self._handles.extend(_stack_hooks(self.model, stack))
+        training = self.model.training
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            stack.clear()
+            with _ProbeMode(stack):
+                out = inner(*args, **kwargs)
+            _mark_verified(self.model, self._fingerprint, ("forward", training))
+            return out
+
+        return forward
 
     def _conv_hook(self, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
         rec = self._records
@@ -481,8 +650,18 @@ class LRPFlex:
 
     def __enter__(self) -> LRPFlex:
         _static_check(self.model)
+        # probes (functional activations; z^B single path) once per model structure and mode
+        self._fingerprint = _fingerprint(self.model)
+        done = _verified(self.model, self._fingerprint)
+        training = self.model.training
+        self._probe_forward = ("forward", training) not in done
+        self._probe_zb = (
+            self.input_bounds is not None and self.at is None and ("zb", training) not in done
+        )
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+            if self._probe_zb:
+                self._handles.append(self.model.register_forward_hook(self._root_hook))
             for name, m in self.model.named_modules():
                 if isinstance(m, nn.ReLU):
                     self._patch(m, self._relu_forward(name))
@@ -492,6 +671,8 @@ class LRPFlex:
                     self._handles.append(m.register_forward_hook(self._conv_hook))
                 if self.at is not None and name == self.at:
                     self._handles.append(m.register_forward_hook(self._at_hook))
+            if self._probe_forward:  # after the ReLU/BN patches: wraps what forward now is
+                self._patch(self.model, self._probing_forward(self.model.forward))
         except BaseException:
             self._restore()
             raise
@@ -593,8 +774,12 @@ class LRPFlex:
             name, relu_in, relu_out = rec.first_relu
             conv, conv_out = rec.first_conv
             if relu_in is conv_out:
+                if self._probe_zb:
+                    self._check_single_path(conv, name, bn_out=None)
                 return relu_out, conv, None  # type: ignore[return-value]
             if rec.first_bn is not None and relu_in is rec.first_bn[1]:
+                if self._probe_zb:
+                    self._check_single_path(conv, name, bn_out=rec.first_bn[1])
                 return relu_out, conv, rec.first_bn[2]  # type: ignore[return-value]
             why = f"the first ReLU '{name}' is not fed by input -> Conv2d -> [BatchNorm]"
         raise LRPUnsupportedError(
@@ -602,10 +787,40 @@ class LRPFlex:
             f"epsilon rule down to the input."
         )
 
+    def _check_single_path(self, conv: nn.Module, relu_name: str, bn_out: Tensor | None) -> None:
+        """Refuse a model whose input, first conv output or first BatchNorm output also reaches
+        the output through another path than ``input -> conv -> [BN] -> first ReLU``: the z^B
+        rule sends relevance to the pixels only along that path (the rest would be dropped)."""
+        rec = self._records
+        assert rec.root_input is not None and rec.first_conv is not None
+        conv_name = self._names.get(conv, "?")
+        path = f"input -> '{conv_name}' -> {'BatchNorm -> ' if bn_out is not None else ''}"
+        path += f"'{relu_name}'"
+        targets = {
+            "the model input": rec.root_input,
+            f"the output of '{conv_name}'": rec.first_conv[1],
+        }
+        if bn_out is not None:
+            targets["the output of the BatchNorm after it"] = bn_out
+        out = rec.root_output
+        roots = [out] if isinstance(out, Tensor) else [t for t in _flat_tensors(out)]
+        counts = _count_uses(roots, targets)
+        for what, n in counts.items():
+            if n > 1:
+                raise LRPUnsupportedError(
+                    f"z^B first-layer rule not applicable: {what} reaches the output through "
+                    f"{n} paths, but the z^B rule sends relevance to the pixels only along "
+                    f"{path}, so relevance through the other path(s) (e.g. a shortcut conv from "
+                    f"the input, or the pre-ReLU tensor reused) would be silently dropped. Pass "
+                    f"input_bounds=None to use the epsilon rule down to the input (exact through "
+                    f"every path), or take such branches from the first ReLU's output."
+                )
+        _mark_verified(self.model, self._fingerprint, ("zb", self.model.training))
+
     def _zb(self, zb: tuple[Tensor, nn.Conv2d, Tensor | None], r1: Tensor) -> Tensor:
         """z^B rule from relevance ``r1`` at the first ReLU output down to the pixels."""
         _, conv, scale = zb
-        x = self._records.root_input
+        x = self._records.user_input
         assert x is not None and self.input_bounds is not None
         low, high = self.input_bounds
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -639,6 +854,17 @@ class LRPFlex:
         if high != 0.0:
             out = out - high * back(wn)
         return out
+
+
+def _flat_tensors(obj: Any) -> list[Tensor]:
+    """Tensors inside a (nested) tuple/list/dict model output."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _flat_tensors(o)]
+    return []
 
 
 def _conv2d_transpose_to(
@@ -699,6 +925,10 @@ def lrp_heatmaps(
 
     Returns:
         ``(logits [B, N], R [B, K, C, H, W])``.
+
+    Raises:
+        LRPUnsupportedError: the model cannot be explained exactly (see `LRPFlex`); the message
+            names the module or call and what to do.
     """
     if x.dim() < 2:
         raise ValueError(f"x must be [B, C, ...], got shape {tuple(x.shape)}")

@@ -193,7 +193,10 @@ def test_refuses_inplace_relu_and_gelu_naming_the_module():
 
 
 def test_probe_finds_functional_relu():
-    with pytest.raises(LRPUnsupportedError, match=r"'<root>' calls functional relu"):
+    with pytest.raises(
+        LRPUnsupportedError,
+        match=r"'<root>' calls F.relu.*nn.ReLU\(\) module instance per activation",
+    ):
         check_lrp_ready(_FunctionalReLU(), torch.rand(1, 1, 6, 6))
     check_lrp_ready(build_backbone("small_cnn", 2), torch.rand(1, 1, 16, 16))
 
