@@ -4,6 +4,7 @@ ship inside it (cxr_io.resources), so `isnet-cxr seg predict` runs from any fold
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,23 +31,13 @@ app()
 
 @pytest.mark.slow
 def test_installed_package_runs_seg_predict_outside_the_checkout(tmp_path) -> None:
+    # build from a copy: pip builds in the source tree, which must stay untouched
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns(".*", "build", "outputs", "data", "*.egg-info", "docs", "tests")
+    shutil.copytree(ROOT, src, ignore=skip)
     site = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(site),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", str(site), str(src)], check=True, capture_output=True)
     work = tmp_path / "elsewhere"
     work.mkdir()
     image = write_cxr_dicom(work / "film.dcm", chest_like(np.random.default_rng(0)), BitsStored=12)
