@@ -41,18 +41,35 @@ from evaluation.report import plot_heatmap_grid, plot_roc, summarise_runs, write
 from pipeline.predictor import Predictor
 from pipeline.tracking import StudyTracker, TrainingRun
 from segmentation.masks_step import write_masks
-from synthetic import default_sites, make_bias_test_sets, make_dataset
+from synthetic import bias_free_sites, default_sites, make_bias_test_sets, make_dataset
 
 BIAS_KINDS = ("biased", "unbiased", "confounding")
+#: Site-name suffix of the training sites re-rendered without markers (the bias-free reference).
+NO_MARKERS = "-no-markers"
+TRAIN_DATA = ("study", "no_markers")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method to compare: a :func:`classification.methods.build_method` name and params."""
+    """One method to compare: a :func:`classification.methods.build_method` name and params.
+
+    ``train_data``: ``"study"`` (the fold's training sites) or ``"no_markers"``: the same
+    patients re-rendered without background markers (embedded synthetic data only). The
+    standard classifier trained on those is the bias-free reference: what a full-image model
+    learns when there is no shortcut, evaluated on the same test sets as every other method.
+    """
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    train_data: str = "study"
+
+    def __post_init__(self) -> None:
+        if self.train_data not in TRAIN_DATA:
+            raise ValueError(
+                f"method {self.name!r}: train_data must be one of {TRAIN_DATA}, "
+                f"got {self.train_data!r}"
+            )
 
     @property
     def display(self) -> str:
@@ -126,6 +143,16 @@ class StudyConfig:
         labels = [m.display for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"method labels must be unique, got {labels}")
+        if self.manifests and self.wants_no_markers:
+            raise ValueError(
+                "a method with train_data 'no_markers' needs the embedded synthetic data (the "
+                "generator re-renders the same patients without markers); drop it for manifests"
+            )
+
+    @property
+    def wants_no_markers(self) -> bool:
+        """Whether a method trains on the marker-free re-rendering of the training sites."""
+        return any(m.train_data == "no_markers" for m in self.methods)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> StudyConfig:
@@ -168,6 +195,18 @@ class Fold:
     train: pd.DataFrame
     val: pd.DataFrame
     evals: tuple[EvalSet, ...]
+    no_markers: tuple[pd.DataFrame, pd.DataFrame] | None = None  # (train, val) without markers
+
+    def training_rows(self, spec: MethodSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The ``(train, val)`` rows ``spec`` trains on."""
+        if spec.train_data == "no_markers":
+            if self.no_markers is None:
+                raise ValueError(
+                    f"{self.name}: method {spec.display!r} trains without markers, but the data "
+                    "has no marker-free rendering of the training sites"
+                )
+            return self.no_markers
+        return self.train, self.val
 
 
 @dataclass
@@ -202,10 +241,15 @@ def prepare_data(cfg: StudyConfig, out_dir: Path, log: Callable[[str], None]) ->
     spec = cfg.synthetic
     data_dir = out_dir / "data"
     stamp = data_dir / "spec.json"
-    want = json.dumps({**asdict(spec), "bias_sets": cfg.bias_sets}, sort_keys=True)
+    want = json.dumps(
+        {**asdict(spec), "bias_sets": cfg.bias_sets, "no_markers": cfg.wants_no_markers},
+        sort_keys=True,
+    )
     paths = [data_dir / "sites" / "manifest.csv"]
     if cfg.bias_sets:
         paths.append(data_dir / "bias" / "manifest.csv")
+    if cfg.wants_no_markers:
+        paths.append(data_dir / "no_markers" / "manifest.csv")
     if stamp.is_file() and stamp.read_text() == want and all(p.is_file() for p in paths):
         log(f"data: reusing {data_dir}")
         return paths
@@ -229,6 +273,18 @@ def prepare_data(cfg: StudyConfig, out_dir: Path, log: Callable[[str], None]) ->
             n=spec.bias_test_n,
             size=spec.size,
             seed=spec.seed + 1,
+            difficulty=spec.difficulty,
+            progress=False,
+        )
+    if cfg.wants_no_markers:
+        biased = [s for s in sites if s.bias_correlation > 0]
+        log(f"data: re-rendering {', '.join(s.name for s in biased)} without markers")
+        make_dataset(
+            paths[-1].parent,
+            bias_free_sites(biased, suffix=NO_MARKERS),
+            n_per_site=spec.n_per_site,
+            size=spec.size,
+            seed=spec.seed,
             difficulty=spec.difficulty,
             progress=False,
         )
@@ -276,7 +332,7 @@ def plan_folds(cfg: StudyConfig, df: pd.DataFrame) -> list[Fold]:
     """The training/evaluation layout: one fold, or one per site with leave-one-site-out."""
     sites = sorted(set(df["site"]))
     bias_sites = [s for s in sites if _bias_kind(s)]
-    real_sites = [s for s in sites if s not in bias_sites]
+    real_sites = [s for s in sites if s not in bias_sites and not s.endswith(NO_MARKERS)]
     for s in (*cfg.train_sites, *cfg.external_sites):
         if s not in real_sites:
             raise ValueError(f"site {s!r} is not in the manifests (sites: {real_sites})")
@@ -309,9 +365,12 @@ def plan_folds(cfg: StudyConfig, df: pd.DataFrame) -> list[Fold]:
             if s.rsplit("-", 1)[0] in train_sites
         ]
         name = "fold-" + "+".join(train_sites) if cfg.leave_one_site_out else "main"
-        folds.append(
-            Fold(name, tuple(train_sites), train, val, tuple(e for e in evals if len(e.frame)))
-        )
+        free = select(df, sites=[s + NO_MARKERS for s in train_sites])
+        no_markers = None
+        if len(free):
+            no_markers = (select(free, splits=["train"]), select(free, splits=["val"]))
+        evals = tuple(e for e in evals if len(e.frame))
+        folds.append(Fold(name, tuple(train_sites), train, val, evals, no_markers))
     return folds
 
 
@@ -366,9 +425,17 @@ def run_study(
                     key = _config_key(tcfg)
                     run_dir = out / "models" / fold.name / f"{spec.display}-seed{seed}-{key}"
                     params = {"fold": fold.name, **asdict(tcfg)}
-                    with tracker.training_run(spec.display, seed, params, fold.train) as tr:
+                    rows_train, rows_val = fold.training_rows(spec)
+                    params["train_data"] = spec.train_data
+                    with tracker.training_run(spec.display, seed, params, rows_train) as tr:
                         history = _train_once(
-                            train, tcfg, fold, classes, run_dir, log, f"{spec.display}/seed{seed}"
+                            train,
+                            tcfg,
+                            (rows_train, rows_val),
+                            classes,
+                            run_dir,
+                            log,
+                            f"{spec.display}/seed{seed}",
                         )
                         for row in history:
                             step = int(row["epoch"])
@@ -501,7 +568,7 @@ def _config_key(tcfg: TrainConfig) -> str:
 def _train_once(
     train_fn: Callable[..., TrainResult],
     tcfg: TrainConfig,
-    fold: Fold,
+    rows: tuple[pd.DataFrame, pd.DataFrame],
     classes: Sequence[str],
     run_dir: Path,
     log: Callable[[str], None],
@@ -516,8 +583,8 @@ def _train_once(
     resume = (run_dir / "checkpoints").is_dir()
     log(f"  {tag}: {'resuming' if resume else 'training'} ({tcfg.epochs} epochs)")
     result = train_fn(
-        to_records(fold.train, classes),
-        to_records(fold.val, classes),
+        to_records(rows[0], classes),
+        to_records(rows[1], classes),
         tcfg,
         run_dir,
         num_classes=len(classes),

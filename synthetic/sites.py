@@ -5,6 +5,7 @@ random streams, and the bias-marker assignment.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -263,6 +264,17 @@ def expected_agreement(site: SiteConfig) -> float:
         return 0.0
     p = site.bias_correlation
     return p + (1.0 - p) / 4.0
+
+
+def bias_free_sites(sites: Sequence[SiteConfig], suffix: str = "") -> list[SiteConfig]:
+    """The same sites with every marker removed (``marker_style="none"``), keeping each site's
+    seed key: with the same ``seed``, :func:`synthetic.make_dataset` renders the same patients,
+    findings, labels and splits, only without markers. A classifier trained on them is the
+    bias-free reference (the accuracy the lungs allow) for a model trained on ``sites``.
+    ``suffix`` is appended to the names (to keep both sets in one manifest)."""
+    return [
+        replace(s, name=f"{s.name}{suffix}", seed_key=s.key, marker_style="none") for s in sites
+    ]
 
 
 def bias_test_sites(base_site: SiteConfig) -> list[SiteConfig]:

@@ -1,0 +1,89 @@
+"""The bias-free reference of a study: the standard classifier trained on the same patients
+re-rendered without background markers, tested on the same sets as every method."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cxr_io.manifest import load_manifest
+from cxr_io.readers import load_cxr
+from pipeline.study import (
+    NO_MARKERS,
+    MethodSpec,
+    StudyConfig,
+    plan_folds,
+    prepare_data,
+    run_study,
+    synthetic_layout,
+)
+
+REFERENCE = {"name": "standard", "label": "reference-no-markers", "train_data": "no_markers"}
+TINY = {"n_per_site": 21, "size": 64, "seed": 0, "difficulty": 0.0, "bias_test_n": 6}
+
+
+def _cfg(**kw) -> StudyConfig:
+    raw = {"synthetic": TINY, "bias_sets": False, "methods": ["standard", REFERENCE], **kw}
+    cfg = StudyConfig.from_dict(raw)
+    return replace(cfg, **synthetic_layout())
+
+
+def test_no_marker_rendering_keeps_patients_labels_splits_and_lungs(tmp_path) -> None:
+    cfg = _cfg()
+    paths = prepare_data(cfg, tmp_path, log=lambda _: None)
+    assert [p.parent.name for p in paths] == ["sites", "no_markers"]
+    sites, free = (load_manifest(p) for p in paths)
+    for site in cfg.train_sites:
+        a = sites[sites.site == site].reset_index(drop=True)
+        b = free[free.site == site + NO_MARKERS].reset_index(drop=True)
+        assert len(a) == len(b) == TINY["n_per_site"]
+        for col in ("patient_id", "label", "split"):
+            assert list(a[col]) == list(b[col])
+        assert (a["bias"] != "").any() and (b["bias"] == "").all()
+        for i in range(len(a)):
+            assert np.array_equal(
+                np.asarray(Image.open(a["mask"][i])), np.asarray(Image.open(b["mask"][i]))
+            )
+        # only pixels outside the lungs change (the marker); the lungs are the same
+        img_a, img_b = load_cxr(a["image"][0]).pixels, load_cxr(b["image"][0]).pixels
+        lungs = np.asarray(Image.open(a["mask"][0])) > 0
+        if a["bias"][0]:
+            assert not np.allclose(img_a, img_b)
+        np.testing.assert_allclose(img_a[lungs], img_b[lungs], atol=0.02)
+
+
+def test_folds_give_the_reference_the_same_patients_without_markers(tmp_path) -> None:
+    cfg = _cfg()
+    df = pd.concat([load_manifest(p) for p in prepare_data(cfg, tmp_path, lambda _: None)])
+    (fold,) = plan_folds(cfg, df)
+    assert {e.name for e in fold.evals} == {"internal-test", "hospital-c"}  # not a test site
+    std, ref = cfg.methods
+    train, val = fold.training_rows(std)
+    ref_train, ref_val = fold.training_rows(ref)
+    assert train is fold.train and set(ref_train.site) == {s + NO_MARKERS for s in cfg.train_sites}
+    assert sorted(ref_train.patient_id) == sorted(train.patient_id)
+    assert sorted(ref_val.patient_id) == sorted(val.patient_id)
+
+
+def test_reference_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="train_data must be one of"):
+        MethodSpec("standard", train_data="clean")
+    with pytest.raises(ValueError, match="needs the embedded synthetic data"):
+        StudyConfig.from_dict({"manifests": ["m.csv"], "methods": [REFERENCE]})
+
+
+@pytest.mark.slow
+def test_study_reports_the_reference_and_pairs_isnet_with_it(tmp_path) -> None:
+    cfg = _cfg(
+        methods=[REFERENCE, {"name": "isnet", "params": {"variant": "selective"}}],
+        train={"size": 32, "epochs": 1, "batch_size": 8, "tune_epochs": 1, "augment": False},
+        n_boot=10,
+        heatmap_examples=1,
+    )
+    res = run_study(cfg, tmp_path / "out", log=lambda _: None)
+    assert set(res.results["method"]) == {"reference-no-markers", "isnet-selective"}
+    assert set(res.paired["comparator"]) == {"reference-no-markers"}
