@@ -41,7 +41,14 @@ from evaluation.report import plot_heatmap_grid, plot_roc, summarise_runs, write
 from pipeline.predictor import Predictor
 from pipeline.tracking import StudyTracker, TrainingRun
 from segmentation.masks_step import write_masks
-from synthetic import bias_free_sites, default_sites, make_bias_test_sets, make_dataset
+from synthetic import (
+    SiteConfig,
+    bias_free_sites,
+    default_sites,
+    make_bias_test_sets,
+    make_dataset,
+    portable_site,
+)
 
 BIAS_KINDS = ("biased", "unbiased", "confounding")
 #: Site-name suffix of the training sites re-rendered without markers (the bias-free reference).
@@ -88,6 +95,13 @@ class SyntheticSpec:
     seed: int = 0
     difficulty: float = 0.5
     bias_test_n: int = 150
+    #: add the portable site ``hospital-d`` (:func:`synthetic.portable_site`) as an external
+    #: site where the lung segmenter is less exact (the imperfect-segmentation condition)
+    portable_site: bool = False
+
+    def sites(self) -> list[SiteConfig]:
+        """The generated sites: the default three, and the portable one if asked for."""
+        return default_sites() + ([portable_site()] if self.portable_site else [])
 
 
 @dataclass(frozen=True)
@@ -253,7 +267,7 @@ def prepare_data(cfg: StudyConfig, out_dir: Path, log: Callable[[str], None]) ->
     if stamp.is_file() and stamp.read_text() == want and all(p.is_file() for p in paths):
         log(f"data: reusing {data_dir}")
         return paths
-    sites = default_sites()
+    sites = spec.sites()
     log(f"data: generating {len(sites)} sites x {spec.n_per_site} images at {spec.size} px")
     make_dataset(
         paths[0].parent,
@@ -292,11 +306,11 @@ def prepare_data(cfg: StudyConfig, out_dir: Path, log: Callable[[str], None]) ->
     return paths
 
 
-def synthetic_layout() -> dict[str, tuple[str, ...]]:
+def synthetic_layout(spec: SyntheticSpec | None = None) -> dict[str, tuple[str, ...]]:
     """The embedded data's layout: train on the sites with a background bias, hold out the
-    clean one."""
+    others (the clean one, and the portable one when generated)."""
 
-    sites = default_sites()
+    sites = (spec or SyntheticSpec()).sites()
     return {
         "train_sites": tuple(s.name for s in sites if s.bias_correlation > 0),
         "external_sites": tuple(s.name for s in sites if s.bias_correlation == 0),
@@ -397,7 +411,7 @@ def run_study(
     t0 = time.perf_counter()
     log = _timestamped(log, t0)
     if not (cfg.manifests or cfg.train_sites or cfg.external_sites or cfg.leave_one_site_out):
-        cfg = replace(cfg, **synthetic_layout())
+        cfg = replace(cfg, **synthetic_layout(cfg.synthetic))
     manifests = ensure_masks(cfg, prepare_data(cfg, out, log), out, log)
     df = pd.concat([load_manifest(m) for m in manifests], ignore_index=True)
     classes = class_names(df)

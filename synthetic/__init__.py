@@ -41,6 +41,7 @@ from synthetic.sites import (
     default_sites,
     expected_agreement,
     image_seed,
+    portable_site,
 )
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "make_dataset",
     "marker_stamp",
     "place_marker",
+    "portable_site",
     "render_case",
     "render_previews",
     "window_tags",

@@ -196,6 +196,29 @@ def default_sites() -> list[SiteConfig]:
     ]
 
 
+def portable_site() -> SiteConfig:
+    """``hospital-d``: a portable (ICU) DX acquisition without markers: washed-out contrast
+    (gamma 0.5), a narrow window, more blur and noise, AP view. The lung segmenter trained on
+    the default sites cuts more of the findings out of its masks here (lower lesion coverage):
+    the external site where test-time segmentation is imperfect, so a study can measure the
+    paper's argument for ISNet (no mask needed at test time) against segment-then-classify."""
+    return SiteConfig(
+        name="hospital-d",
+        marker_style="none",
+        modality="DX",
+        photometric="MONOCHROME2",
+        bits_stored=12,
+        window_center=0.5,
+        window_width=0.6,
+        noise=0.04,
+        gamma=0.5,
+        pixel_spacing_mm=1.5,
+        blur=1.5,
+        view_position="AP",
+        manufacturer="SynthRay Portable",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Random streams
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ TINY = {"n_per_site": 21, "size": 64, "seed": 0, "difficulty": 0.0, "bias_test_n
 def _cfg(**kw) -> StudyConfig:
     raw = {"synthetic": TINY, "bias_sets": False, "methods": ["standard", REFERENCE], **kw}
     cfg = StudyConfig.from_dict(raw)
-    return replace(cfg, **synthetic_layout())
+    return replace(cfg, **synthetic_layout(cfg.synthetic))
 
 
 def test_no_marker_rendering_keeps_patients_labels_splits_and_lungs(tmp_path) -> None:
@@ -87,3 +87,11 @@ def test_study_reports_the_reference_and_pairs_isnet_with_it(tmp_path) -> None:
     res = run_study(cfg, tmp_path / "out", log=lambda _: None)
     assert set(res.results["method"]) == {"reference-no-markers", "isnet-selective"}
     assert set(res.paired["comparator"]) == {"reference-no-markers"}
+
+
+def test_portable_site_is_an_external_site_without_markers() -> None:
+    cfg = _cfg(synthetic={**TINY, "portable_site": True})
+    assert cfg.external_sites == ("hospital-c", "hospital-d")
+    assert cfg.train_sites == ("hospital-a", "hospital-b")
+    site = cfg.synthetic.sites()[-1]
+    assert site.name == "hospital-d" and site.marker_style == "none"
