@@ -843,7 +843,8 @@ def check_radiograph(
 
 def _check_header(path: str | Path, meta: Mapping[str, Any], policy: RadiographPolicy) -> list[str]:
     """The DICOM header part of :func:`check_radiograph`."""
-    text = {k: str(meta.get(k) or "").strip() for k in meta}
+    keys = ("sop_class", "modality", "photometric", "body_part", "view_position")
+    text = {k: str(meta.get(k) or "").strip() for k in keys}
     sop, modality = text.get("sop_class", ""), text.get("modality", "").upper()
     if sop and sop not in CR_DX_SOP_CLASSES:
         from pydicom.uid import UID
