@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1099,10 +1100,13 @@ def _header_checks(
         if ended_early or _file_has_pixel_tag(path):
             raise TruncatedFileError(path, "the file ends inside its pixel data")
         sop_class = _sop_class(ds)
-        name = getattr(sop_class, "name", str(sop_class))
-        # a cut at an element boundary: an image SOP class without its Image Pixel module
-        cut_before_image = "Image Storage" in name and "Rows" not in ds
-        if complete is False or sop_class is None or cut_before_image:
+        name = getattr(sop_class, "name", str(sop_class)) if sop_class else "no SOP class"
+        # a cut at an element boundary inside the Image Pixel module: it started, Rows or
+        # Columns (which precede Pixel Data) are missing
+        pixel_module = any(k in ds for k in ("SamplesPerPixel", "PhotometricInterpretation"))
+        cut_in_module = pixel_module and not ("Rows" in ds and "Columns" in ds)
+        empty = len(ds) == 0 and not getattr(ds, "file_meta", None)
+        if complete is False or cut_in_module or empty:
             raise TruncatedFileError(path, "the file ends inside its header, before any pixel data")
         name = getattr(sop_class, "name", str(sop_class))
         raise NoPixelDataError(path, f"the file is complete but holds no image ({name})")
@@ -1176,7 +1180,7 @@ def _decode(path: Path, ds: Any) -> np.ndarray:
             raise TruncatedFileError(
                 path, f"the pixel data has {have} of the {expected} bytes the header declares"
             )
-        if have > expected + 1:  # one byte of padding to an even length is allowed
+        if have >= 2 * expected:  # trailing padding is tolerated, a second frame's worth not
             raise CorruptPixelDataError(
                 path,
                 f"the pixel data has {have} bytes, more than the {expected} the header "
@@ -1250,7 +1254,15 @@ def _load_dicom(
         try:
             plan = _grey_plan(ds, apply_voi)
             pixels = _grey_to_unit(arr, ds, plan)
-        except (IndexError, TypeError, ValueError, KeyError, AttributeError) as err:
+        except (
+            IndexError,
+            TypeError,
+            ValueError,
+            KeyError,
+            AttributeError,
+            OverflowError,
+            struct.error,
+        ) as err:
             raise BadLUTError(
                 path, f"the modality/VOI transform cannot be applied ({type(err).__name__})"
             ) from err
