@@ -143,16 +143,16 @@ def quiet_pydicom():
 
     from pydicom import config
 
-    logger = logging.getLogger("pydicom")
-    old_disabled, old_mode = logger.disabled, config.settings.reading_validation_mode
-    logger.disabled = True
+    logger = logging.getLogger("pydicom")  # its child loggers inherit the level
+    old_level, old_mode = logger.level, config.settings.reading_validation_mode
+    logger.setLevel(logging.CRITICAL + 1)
     config.settings.reading_validation_mode = config.IGNORE
     try:
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             yield
     finally:
-        logger.disabled = old_disabled
+        logger.setLevel(old_level)
         config.settings.reading_validation_mode = old_mode
 
 

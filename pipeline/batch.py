@@ -654,7 +654,6 @@ def _run_settings(
         "heatmaps": heatmaps,
         "policy": asdict(policy),
         "no_chest_flags": list(NO_CHEST_FLAGS),
-        "work_side": WORK_SIDE,
     }
 
 
@@ -775,8 +774,11 @@ class _Reader:
     (same SOPInstanceUID or bytes as an earlier file) -> header flags.
     """
 
-    def __init__(self, secret: bytes, settings: Settings, policy: RadiographPolicy) -> None:
+    def __init__(
+        self, secret: bytes, settings: Settings, policy: RadiographPolicy, work_side: int
+    ) -> None:
         self.secret = secret
+        self.work_side = work_side
         self.loader = LoadCXR(settings=settings)
         self.policy = policy
         self.seen: dict[str, str] = {}
@@ -801,7 +803,7 @@ class _Reader:
             flags = check_radiograph(f.path, image.as_tensor()[0].numpy(), image.meta, self.policy)
         except CXRReadError as exc:
             return None, _error_row(f, "refused", type(exc).__name__, exc.reason)
-        image = working_copy(image)  # the full-size decode is freed here
+        image = working_copy(image, self.work_side)  # the full-size decode is freed here
         try:
             ident = image_identity(f.path, self.secret)
         except OSError as exc:
@@ -835,6 +837,7 @@ def run_batch(
     masks: bool = True,
     dicom_seg: bool = False,
     policy: RadiographPolicy | None = None,
+    work_side: int = WORK_SIDE,
 ) -> BatchSummary:
     """Predict, segment and explain every image under ``inputs``; see the module docstring.
 
@@ -857,6 +860,8 @@ def run_batch(
         masks: write ``masks/<pseudo_id>.png`` (0/255 at the image's original size).
         dicom_seg: also write ``dicom_seg/<pseudo_id>.dcm`` (DICOM SEG) for DICOM inputs.
         policy: what counts as a chest radiograph (default :class:`RadiographPolicy`).
+        work_side: long side of the copy of each image kept for the networks and overlays
+            (bounds the memory of a chunk; masks are written at the original size).
 
     Raises:
         FileNotFoundError: no checkpoint at ``model`` or ``seg_checkpoint``.
@@ -875,6 +880,7 @@ def run_batch(
     files = collect_inputs(inputs, exclude=out)
     with output_lock(out) as lock_note:
         run_settings = _run_settings(predictor, model, seg_checkpoint, heatmaps, policy)
+        run_settings["work_side"] = int(work_side)
         if not resume:
             _fresh_start(out)
         summary = _run_locked(
@@ -889,6 +895,7 @@ def run_batch(
             max_files=max_files,
             settings=settings or Settings.from_env(),
             policy=policy,
+            work_side=work_side,
         )
         if lock_note:
             summary.notes.append(lock_note)
@@ -916,6 +923,7 @@ def _run_locked(
     max_files: int | None,
     settings: Settings,
     policy: RadiographPolicy,
+    work_side: int,
 ) -> BatchSummary:
     """The body of :func:`run_batch`, with ``out`` locked."""
     from tqdm.auto import tqdm
@@ -927,7 +935,7 @@ def _run_locked(
     current = {f.rel_path: f.key for f in files}
     changed = preds.drop_stale(current) + errs.drop_stale(current)
     done = preds.keys() | errs.keys()
-    reader = _Reader(settings.pseudonym_secret(), settings, policy)
+    reader = _Reader(settings.pseudonym_secret(), settings, policy, work_side)
     reader.seen.update({r["pseudo_id"]: r["rel_path"] for r in preds.rows})
     todo = [f for f in files if f.key not in done]
     already = len(files) - len(todo)
