@@ -65,6 +65,7 @@ __all__ = [
     "CXRReadError",
     "ColourImageError",
     "ConstantImageError",
+    "CorruptHeaderError",
     "CorruptPixelDataError",
     "LoadCXR",
     "LoadCXRd",
@@ -195,6 +196,10 @@ class AbsurdDimensionsError(CXRReadError):
 
 class UnsupportedImageError(CXRReadError):
     hint = "Convert it to a single 2D greyscale image (DICOM, PNG, JPEG, NIfTI or MHA)."
+
+
+class CorruptHeaderError(CXRReadError):
+    hint = "The DICOM header is damaged; re-export the file from the source."
 
 
 class NonFiniteImageError(CXRReadError):
@@ -1180,7 +1185,9 @@ def _decode(path: Path, ds: Any) -> np.ndarray:
             raise TruncatedFileError(
                 path, f"the pixel data has {have} of the {expected} bytes the header declares"
             )
-        if have >= 2 * expected:  # trailing padding is tolerated, a second frame's worth not
+        # trailing zero padding is tolerated; other excess bytes mean the header's size is
+        # wrong (reading it would skew the image) or the data holds several frames
+        if have > expected + 1 and (have >= 2 * expected or _nonzero_tail(ds, expected)):
             raise CorruptPixelDataError(
                 path,
                 f"the pixel data has {have} bytes, more than the {expected} the header "
@@ -1201,6 +1208,11 @@ def _decode(path: Path, ds: Any) -> np.ndarray:
             path, f"the decoded pixel data has shape {arr.shape}, the header declares {want}"
         )
     return arr
+
+
+def _nonzero_tail(ds: Any, start: int) -> bool:
+    """Whether the native pixel data holds any non-zero byte after ``start``."""
+    return any(np.frombuffer(ds.PixelData, dtype=np.uint8, offset=start))
 
 
 def _native_bytes(ds: Any) -> int:
@@ -1232,14 +1244,32 @@ def _load_dicom(
         raise TruncatedFileError(path, f"the file ends inside its header ({err})") from err
     except Exception as err:
         # The message may quote header values (patient data): name only the error type.
-        raise CXRReadError(
-            path,
-            f"the DICOM header is unreadable ({type(err).__name__})",
-            "Re-export the file from the source.",
+        raise CorruptHeaderError(
+            path, f"the DICOM header is unreadable ({type(err).__name__})"
         ) from err
 
     ended_early = any("End of file reached" in str(w.message) for w in caught)
     complete = None if end is None else end == path.stat().st_size
+    try:
+        return _dicom_image(path, ds, apply_voi, settings, limits, ended_early, complete)
+    except CXRReadError:
+        raise
+    except Exception as err:  # a damaged element fails when it is first read
+        raise CorruptHeaderError(
+            path, f"a header element cannot be read ({type(err).__name__})"
+        ) from err
+
+
+def _dicom_image(
+    path: Path,
+    ds: Any,
+    apply_voi: bool,
+    settings: Settings | None,
+    limits: ReadLimits,
+    ended_early: bool,
+    complete: bool | None,
+) -> CXRImage:
+    """Checks, decoding and grey-level conversion of a parsed DICOM header."""
     _header_checks(path, ds, limits, ended_early, complete)
     arr = _decode(path, ds)
 
