@@ -351,3 +351,30 @@ def test_walk_never_blocks_on_special_files(tmp_path) -> None:
         (item,) = collect_inputs(fifo)
     assert "FIFO" in item.skip
     assert time.monotonic() - t0 < 60
+
+
+def test_seg_predict_goes_on_after_a_bad_file_and_finds_extensionless_dicom(
+    corpus, tmp_path
+) -> None:
+    from typer.testing import CliRunner
+
+    from segmentation.cli import seg_app
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    good = (corpus["root"] / "good" / "IM0001").read_bytes()
+    (tree / "a_first.dcm").write_bytes((corpus["root"] / "good" / "IM0002.dcm").read_bytes())
+    (tree / "b_truncated.dcm").write_bytes(good[:-700])  # sorted between two good files
+    (tree / "c_no_extension").write_bytes(good)
+    (tree / "d_notes.txt").write_text("not an image\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        seg_app, ["predict", str(tree), "--out", str(out), "--no-overlay", "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    quality = read(out, "quality.csv")
+    assert sorted(Path(p).name for p in quality["image"]) == ["a_first.dcm", "c_no_extension"]
+    errors = read(out, "errors.csv")
+    assert [Path(p).name for p in errors["image"]] == ["b_truncated.dcm"]
+    assert errors["error"][0] == "TruncatedFileError" and "bytes" in errors["reason"][0]
+    assert "1 file(s) not segmented" in res.output
