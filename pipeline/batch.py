@@ -1,40 +1,60 @@
 """Resumable batch runs: a folder tree of chest X-rays + a trained classifier -> a results table.
 
-:func:`run_batch` walks the input folders (or a manifest CSV), and for every chunk of
-``batch_size`` files:
+:func:`run_batch` locks the output folder (one run at a time: ``.batch.lock``; a lock left by a
+killed run is taken over), checks that the folder's earlier results were made by the same model
+and settings (``run.json``; else :class:`BatchOutputMismatchError` unless ``resume=False``),
+walks the input folders (or a manifest CSV) without following symbolic links, and for every
+chunk of ``batch_size`` files:
 
-1. reads each file with :class:`cxr_io.readers.LoadCXR` (i.e. :func:`~cxr_io.readers.load_cxr`);
-   a file that cannot be read goes to ``errors.csv`` with the reason, a second copy of an image
-   already seen (same SOPInstanceUID) is reported as a duplicate, index files (``DICOMDIR``) and
-   hidden files are reported as skipped;
-2. segments the lungs with the segmentation stage (:func:`segmentation.infer.infer_postprocessing`:
-   the same resize, post-processing and quality flags as ``isnet-cxr seg predict``);
-3. classifies with the model described by its card (``model.json``): the image resized to
-   ``size x size``; a ``segment_then_classify`` model is fed the image times the predicted mask;
-4. explains the predicted class with LRP-epsilon (:func:`classification.explain.explain`),
-   writes ``overlays/<pseudo_id>.png`` and the share of relevance outside the predicted lungs;
-5. appends the chunk's rows to ``predictions.csv`` and ``errors.csv`` (one write of complete
+1. lists what is not a regular file (broken or looping links, links to folders, FIFOs,
+   devices), index files (``DICOMDIR``) and hidden files as ``skipped``: they are never opened,
+   so nothing can block;
+2. reads each file with :class:`cxr_io.readers.LoadCXR`; a file that cannot be read goes to
+   ``errors.csv`` as ``unreadable`` with the reader's own error and reason (a read error wins
+   over duplicate detection: a truncated copy is unreadable, not a duplicate);
+3. refuses what is not a chest radiograph (:func:`cxr_io.readers.check_radiograph`: SOP class
+   and Modality CR/DX, BodyPartExamined, colour, a minimum size, blank images) as ``refused``
+   and lists images that may be chests but are not known to be (no BodyPartExamined or
+   Modality, a lateral view) as ``flagged``; neither is classified;
+4. keeps a copy of the image no larger than ``work_side`` (2048 px) on its long side, so a
+   chunk's memory does not grow with the image size; a second copy of an image already seen
+   (same SOPInstanceUID, or same bytes) is a ``duplicate``;
+5. segments the lungs (:class:`segmentation.segmenter.LungSegmenter`); an image whose mask
+   says "no chest here" (:data:`NO_CHEST_FLAGS`) is ``flagged``, not classified;
+6. classifies and explains the rest with :meth:`pipeline.predictor.Predictor.predict` and writes
+   ``overlays/<pseudo_id>.png``, ``masks/<pseudo_id>.png`` (original size) and, when asked,
+   ``dicom_seg/<pseudo_id>.dcm``;
+7. appends the chunk's rows to ``predictions.csv`` and ``errors.csv`` (one write of complete
    rows, then ``fsync``), so a crash loses at most the chunk in flight.
 
 A re-run with the same output folder resumes: a file already in either table with the same
-relative path, size and modification time is skipped. ``summary.json`` is rewritten at the end.
+relative path, size and modification time is skipped. ``summary.json`` and ``index.html`` are
+rewritten at the end.
 
 Output folder::
 
     predictions.csv   pseudo_id, rel_path, modality, view_position, body_part, photometric, pred,
                       prob_<class>..., seg_ok, seg_flags, lung_area_fraction, background_share,
                       study_pseudo_id, file_size, file_mtime_ns
-    errors.csv        rel_path, kind (unreadable|duplicate|skipped|failed), error, reason,
-                      file_size, file_mtime_ns
+    errors.csv        rel_path, kind (unreadable|refused|flagged|duplicate|skipped|failed),
+                      error, reason, file_size, file_mtime_ns
     overlays/         <pseudo_id>.png: the image, the LRP heatmap (red +, blue -), the lung outline
-    summary.json      counts per class, flagged masks, errors per kind; no paths, no identifiers
+    masks/            <pseudo_id>.png: the lung mask, 0/255, at the image's original size
+    dicom_seg/        <pseudo_id>.dcm: the same mask as DICOM SEG (``dicom_seg=True``)
+    summary.json      counts per class, per kind and per error; no paths, no identifiers
+    index.html        counts, the files not classified and why, a gallery of overlays
+    run.json          the model's and segmenter's hashes and the settings the rows depend on
+
+``rel_path`` is the file's path as text; bytes of a name that are not UTF-8 appear as ``\\xNN``.
 
 Privacy: ``pseudo_id`` is a keyed hash (HMAC-SHA256 under the installation secret) of the
 image's SOPInstanceUID (or of the file's bytes when it has none): one id per image, not
 reversible without the secret. ``study_pseudo_id`` is the loader's patient+study pseudonym.
-No PatientName, PatientID, BirthDate or AccessionNumber is written anywhere. ``rel_path`` is the
-researcher's own file path: if folder or file names hold patient names (some PACS exports do),
-drop that column before sharing; the run counts such paths and warns (``paths_with_identifiers``).
+No PatientName, PatientID, BirthDate or AccessionNumber is written anywhere, and pydicom's
+warnings and log records (which quote invalid header values verbatim) are silenced while
+headers are read (:func:`cxr_io.readers.quiet_pydicom`). ``rel_path`` is the researcher's own
+file path: if folder or file names hold patient names (some PACS exports do), drop that column
+before sharing; the run counts such paths and warns (``paths_with_identifiers``).
 
 The classifier's inference bundle (``configs/inference.json``) has its factories in
 :mod:`pipeline.inference_bundle`.
