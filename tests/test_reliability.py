@@ -301,8 +301,9 @@ def test_another_model_into_the_same_out_is_refused_unless_restart(corpus, tmp_p
 
 
 def test_batch_size_changes_results_only_within_tolerance(corpus, tmp_path) -> None:
-    """Batched float32 convolutions sum in another order: probabilities may differ in the 6th
-    decimal between batch sizes (docs/reliability.md); never more than 1e-5."""
+    """Batched float32 convolutions sum in another order: between batch sizes, probabilities
+    may differ by one unit of the 6th (last written) decimal and the LRP background share by up
+    to 1e-4 (measured 2.3e-5, docs/reliability.md); masks and predicted classes not at all."""
     tree = tmp_path / "tree"
     tree.mkdir()
     rng = np.random.default_rng(3)
@@ -313,9 +314,16 @@ def test_batch_size_changes_results_only_within_tolerance(corpus, tmp_path) -> N
         out = tmp_path / f"bs{bs}"
         run_batch(tree, corpus["model"], out, batch_size=bs, progress=False)
         tables.append(read(out, "predictions.csv").sort_values("rel_path"))
-    cols = [f"prob_{c}" for c in CLASSES] + ["background_share", "lung_area_fraction"]
-    a, b = (t[cols].astype(float).to_numpy() for t in tables)
-    assert np.abs(a - b).max() <= 1e-5
+
+    def col(t: pd.DataFrame, names: list[str]) -> np.ndarray:
+        return t[names].astype(float).to_numpy()
+
+    probs = [f"prob_{c}" for c in CLASSES]
+    assert np.abs(col(tables[0], probs) - col(tables[1], probs)).max() <= 2e-6
+    share = ["background_share"]
+    assert np.abs(col(tables[0], share) - col(tables[1], share)).max() <= 1e-4
+    area = ["lung_area_fraction"]
+    np.testing.assert_array_equal(col(tables[0], area), col(tables[1], area))
     assert (tables[0]["pred"].to_numpy() == tables[1]["pred"].to_numpy()).all()
 
 
