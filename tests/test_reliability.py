@@ -385,3 +385,18 @@ def test_seg_predict_goes_on_after_a_bad_file_and_finds_extensionless_dicom(
     assert [Path(p).name for p in errors["image"]] == ["b_truncated.dcm"]
     assert errors["error"][0] == "TruncatedFileError" and "bytes" in errors["reason"][0]
     assert "1 file(s) not segmented" in res.output
+
+
+def test_wrong_rows_is_refused_but_zero_padding_is_read(tmp_path) -> None:
+    """Rows one short leaves excess pixel data that is not padding: refused, not read skewed;
+    pydicom's MR_small_padded.dcm (128 zero bytes after its pixels) reads."""
+    from pydicom.data import get_testdata_file
+
+    from cxr_io.readers import CorruptPixelDataError
+
+    pixels = chest_like(np.random.default_rng(1))
+    path = write_cxr_dicom(tmp_path / "rows63", pixels, BitsStored=12, Rows=63)
+    with pytest.raises(CorruptPixelDataError, match="more than"):
+        load_cxr(path)
+    padded = load_cxr(get_testdata_file("MR_small_padded.dcm", download=False))
+    assert padded.pixels.shape == (64, 64)
