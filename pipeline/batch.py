@@ -188,6 +188,8 @@ def _skip_reason(path: Path) -> str:
         return f"cannot be examined ({type(exc).__name__})"
     if stat.S_ISREG(lst.st_mode):
         return ""
+    if stat.S_ISDIR(lst.st_mode):
+        return "a folder that cannot be listed (permissions?)"
     if not stat.S_ISLNK(lst.st_mode):
         return f"{_special_kind(lst.st_mode)}, not an image file"
     try:
@@ -218,7 +220,10 @@ def _input_file(path: Path, rel: str) -> InputFile:
 def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
     """Every entry under ``root`` that is not a real folder (regular files, links of any kind,
     FIFOs, devices), without following symbolic links to folders (they are listed)."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    unlisted: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
+        while unlisted:  # a folder os.walk could not list: listed as skipped, not lost
+            yield Path(unlisted.pop().filename)
         here = Path(dirpath)
         keep = []
         for d in sorted(dirnames):
@@ -229,6 +234,8 @@ def _walk(root: Path, exclude: Path | None) -> Iterator[Path]:
         dirnames[:] = keep
         for name in sorted(filenames):
             yield here / name
+    for err in unlisted:
+        yield Path(err.filename)
 
 
 def _manifest_files(csv_path: Path) -> list[tuple[Path, str]]:
