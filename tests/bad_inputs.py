@@ -128,6 +128,15 @@ def _garbage(root: Path, rng: np.random.Generator, expect: dict[str, Expect]) ->
         expect[f"garbage/{name}"] = Expect("refused", "TooSmallImageError")
     _dicom(g / "constant", np.full((64, 64), 1000, np.uint16))
     expect["garbage/constant"] = Expect("refused", "ConstantImageError")
+    # readable, chest by its header or without a header, but nothing like lungs in it: the
+    # lung segmenter's mask is empty, so the image is flagged (NoLungsFound), not classified
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (128, 128)).astype(np.uint8)).save(g / "noise.png")
+    expect["garbage/noise.png"] = Expect("flagged", "NoLungsFound")
+    bars = ((np.arange(128) * 8 // 128) % 2 * 3000 + 500).astype(np.uint16)
+    _dicom(g / "bars", np.tile(bars, (128, 1)))
+    expect["garbage/bars"] = Expect("flagged", "NoLungsFound")
     (g / "notes.txt").write_text(f"exported for {PLANTED['PatientName']}\n")
     expect["garbage/notes.txt"] = Expect("unreadable", "NotDicomError")
     (g / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)

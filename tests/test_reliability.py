@@ -146,11 +146,14 @@ def corpus_run(corpus, tmp_path_factory) -> dict:
 def test_corpus_through_the_reader(corpus) -> None:
     """Every regular file of the corpus: the expected outcome and error subclass, no other
     exception type."""
+    files = {f.rel_path: f.path for f in collect_inputs(corpus["root"])}
     for rel, want in corpus["expect"].items():
         if want.kind == "skipped":
             continue
-        path = next(f.path for f in collect_inputs(corpus["root"]) if f.rel_path == rel)
-        assert outcome(path) == (want.kind, want.error), rel
+        if want.error == "NoLungsFound":  # reader and header accept it; the segmenter flags it
+            assert outcome(files[rel]) == ("predicted", None), rel
+        else:
+            assert outcome(files[rel]) == (want.kind, want.error), rel
 
 
 def test_corpus_through_a_batch_run(corpus, corpus_run) -> None:
