@@ -35,7 +35,15 @@ SimpleITK already returns ``(y, x)``. Spacing is ``(row_mm, col_mm)``.
 Privacy: no patient name, id, birth date or accession number leaves this module; ``pseudo_id``
 is an HMAC-SHA256 of PatientID and StudyInstanceUID under the installation secret.
 
-Every failure raises a subclass of :class:`CXRReadError` naming the file, the problem and a fix.
+Every failure raises a subclass of :class:`CXRReadError` naming the file, the problem and a fix
+(anything unforeseen becomes :class:`UnexpectedReadError`, naming only the exception type); a
+returned image is always finite (NaN/inf: :class:`NonFiniteImageError`). pydicom's warnings and
+log records, which may quote header values, are silenced while reading (:func:`quiet_pydicom`).
+
+:func:`check_radiograph` is the gate before classification: it refuses what is not a chest
+radiograph (SOP class / Modality not CR or DX, another body part, colour, too small, blank) with
+its own :class:`CXRReadError` subclass and returns flags for what may be one but is not known to
+be (unknown body part, lateral view). See docs/reliability.md.
 """
 
 from __future__ import annotations
