@@ -35,13 +35,22 @@ SimpleITK already returns ``(y, x)``. Spacing is ``(row_mm, col_mm)``.
 Privacy: no patient name, id, birth date or accession number leaves this module; ``pseudo_id``
 is an HMAC-SHA256 of PatientID and StudyInstanceUID under the installation secret.
 
-Every failure raises a subclass of :class:`CXRReadError` naming the file, the problem and a fix.
+Every failure raises a subclass of :class:`CXRReadError` naming the file, the problem and a fix
+(anything unforeseen becomes :class:`UnexpectedReadError`, naming only the exception type); a
+returned image is always finite (NaN/inf: :class:`NonFiniteImageError`). pydicom's warnings and
+log records, which may quote header values, are silenced while reading (:func:`quiet_pydicom`).
+
+:func:`check_radiograph` is the gate before classification: it refuses what is not a chest
+radiograph (SOP class / Modality not CR or DX, another body part, colour, too small, blank) with
+its own :class:`CXRReadError` subclass and returns flags for what may be one but is not known to
+be (unknown body part, lateral view). See docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import struct
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,8 +68,12 @@ from cxr_io.settings import Settings
 
 __all__ = [
     "AbsurdDimensionsError",
+    "BadLUTError",
     "CXRImage",
     "CXRReadError",
+    "ColourImageError",
+    "ConstantImageError",
+    "CorruptHeaderError",
     "CorruptPixelDataError",
     "LoadCXR",
     "LoadCXRd",
@@ -70,13 +83,21 @@ __all__ = [
     "MultiFrameError",
     "NoPixelDataError",
     "NonBinaryMaskError",
+    "NonFiniteImageError",
+    "NotChestError",
     "NotDicomError",
+    "NotRadiographError",
+    "RadiographPolicy",
     "ReadLimits",
+    "TooSmallImageError",
     "TruncatedFileError",
+    "UnexpectedReadError",
     "UnsupportedImageError",
+    "check_radiograph",
     "load_cxr",
     "load_mask",
     "save_mask_nifti",
+    "quiet_pydicom",
     "save_mask_png",
 ]
 
@@ -117,6 +138,31 @@ def surfaced_read_errors():
         if cause is None:
             raise
         raise cause.with_traceback(cause.__traceback__) from None
+
+
+@contextlib.contextmanager
+def quiet_pydicom():
+    """Silence pydicom while reading a header: its warnings and log records may quote header
+    values (an invalid UID, a patient name), which must never reach stderr or a log file.
+
+    Warnings are recorded and dropped, the ``pydicom`` logger is muted, and value validation
+    on read is switched off (it only warns) for the duration.
+    """
+    import logging
+
+    from pydicom import config
+
+    logger = logging.getLogger("pydicom")  # its child loggers inherit the level
+    old_level, old_mode = logger.level, config.settings.reading_validation_mode
+    logger.setLevel(logging.CRITICAL + 1)
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        logger.setLevel(old_level)
+        config.settings.reading_validation_mode = old_mode
 
 
 class NotDicomError(CXRReadError):
@@ -160,6 +206,51 @@ class UnsupportedImageError(CXRReadError):
     hint = "Convert it to a single 2D greyscale image (DICOM, PNG, JPEG, NIfTI or MHA)."
 
 
+class CorruptHeaderError(CXRReadError):
+    hint = "The DICOM header is damaged; re-export the file from the source."
+
+
+class NonFiniteImageError(CXRReadError):
+    hint = (
+        "The header or the pixels hold NaN or infinite values (e.g. RescaleSlope), so the image "
+        "has no defined grey levels; re-export it from the source system."
+    )
+
+
+class BadLUTError(CXRReadError):
+    hint = (
+        "The modality or VOI lookup table in the header is malformed; re-export the image, or "
+        "load it with apply_voi=False if only the VOI LUT is broken."
+    )
+
+
+class UnexpectedReadError(CXRReadError):
+    hint = "The reader met a case it does not handle; please report it (the file stays local)."
+
+
+class NotRadiographError(CXRReadError):
+    hint = (
+        "Only chest radiographs (Modality CR or DX, CR/DX image storage) are classified; "
+        "leave other modalities and secondary captures out of the input."
+    )
+
+
+class NotChestError(CXRReadError):
+    hint = "BodyPartExamined names another body part; only chest films are classified."
+
+
+class ColourImageError(CXRReadError):
+    hint = "A radiograph is greyscale; a colour DICOM is a photo, a screenshot or a rendering."
+
+
+class TooSmallImageError(CXRReadError):
+    hint = "The image is too small to hold a radiograph; check the export (a thumbnail or icon?)."
+
+
+class ConstantImageError(CXRReadError):
+    hint = "Every pixel has the same value: the image is blank (or its window hides everything)."
+
+
 class NonBinaryMaskError(CXRReadError):
     hint = "Masks must hold exactly two levels, 0 and 1 (or 0 and 255); threshold it first."
 
@@ -188,8 +279,9 @@ class CXRImage:
         pixels: float32 ``[H, W]`` in [0, 1], bright = dense.
         meta: ``pseudo_id, modality, view_position, body_part, photometric, original_size (H, W),
             transfer_syntax, spacing (row_mm, col_mm) or None, spacing_source, filename, format,
-            voi, inverted, converted_from``. ``spacing_source`` is "ImagerPixelSpacing",
-            "PixelSpacing" or None for DICOM, "file header" for NIfTI/MHA with a valid spacing.
+            voi, inverted, converted_from, sop_class`` (SOP Class UID, DICOM only).
+            ``spacing_source`` is "ImagerPixelSpacing", "PixelSpacing" or None for DICOM,
+            "file header" for NIfTI/MHA with a valid spacing.
             ``pseudo_id`` is None when the file has neither PatientID nor StudyInstanceUID
             (and for non-DICOM files).
     """
@@ -246,6 +338,26 @@ def load_cxr(
     """
     path = Path(path)
     limits = limits or ReadLimits()
+    try:
+        with quiet_pydicom():
+            image = _load_any(path, apply_voi, settings, limits)
+    except CXRReadError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as err:  # the message may quote header values: name only the type
+        raise UnexpectedReadError(
+            path, f"reading failed with {type(err).__name__} (no specific diagnosis)"
+        ) from err
+    if not np.isfinite(image.pixels).all():
+        raise NonFiniteImageError(path, "the image holds NaN or infinite values")
+    return image
+
+
+def _load_any(
+    path: Path, apply_voi: bool, settings: Settings | None, limits: ReadLimits
+) -> CXRImage:
+    """:func:`load_cxr` without its final checks and error wrapping."""
     kind = _sniff_format(path)
     if kind == "dicom":
         return _load_dicom(path, apply_voi, settings, limits)
@@ -256,6 +368,9 @@ def load_cxr(
     else:
         arr, spacing = _read_nifti(path, limits) if kind == "nifti" else _read_itk(path, limits)
         arr, converted = _colour_to_grey(arr)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int(arr.size - np.isfinite(arr).sum())
+            raise NonFiniteImageError(path, f"{bad} pixel(s) are NaN or infinite")
         pixels = _minmax_unit(arr)
     meta = _base_meta(path, kind, pixels.shape, spacing, "file header" if spacing else None)
     meta["converted_from"] = converted
@@ -486,6 +601,7 @@ def _base_meta(
         "voi": None,
         "inverted": False,
         "converted_from": None,
+        "sop_class": None,
     }
 
 
@@ -666,6 +782,106 @@ def _read_mask(path: Path, limits: ReadLimits) -> tuple[np.ndarray, tuple[float,
         bad = np.unique(arr[(arr != 0) & (arr != top)])[:5].tolist()
         raise NonBinaryMaskError(path, f"the mask holds more than two levels: 0, {top} and {bad}")
     return mask, spacing
+
+
+# --------------------------------------------------------------------------------------------
+# Is it a chest radiograph? (the gate before classification)
+# --------------------------------------------------------------------------------------------
+
+CR_DX_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+        "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+    }
+)
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})
+
+
+@dataclass(frozen=True)
+class RadiographPolicy:
+    """What :func:`check_radiograph` accepts.
+
+    Attributes:
+        modalities: accepted DICOM ``Modality`` values.
+        body_parts: substrings of ``BodyPartExamined`` that mean a chest.
+        min_side: smallest accepted image side in pixels (smaller: :class:`TooSmallImageError`).
+        min_range: smallest accepted ``max - min`` of the [0, 1] pixels (below:
+            :class:`ConstantImageError`).
+    """
+
+    modalities: tuple[str, ...] = ("CR", "DX")
+    body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG")
+    min_side: int = 32
+    min_range: float = 1e-3
+
+
+def check_radiograph(
+    path: str | Path, pixels: np.ndarray, meta: Mapping[str, Any], policy: RadiographPolicy
+) -> list[str]:
+    """Refuse what is not a chest radiograph; return the reasons to doubt the rest.
+
+    Args:
+        path: the file (for the error message).
+        pixels: ``[H, W]`` (or ``[1, H, W]``) in [0, 1] as :func:`load_cxr` returns them.
+        meta: the loader's meta (``format``, ``modality``, ``sop_class``, ``body_part``,
+            ``view_position``, ``photometric``; unknowns as None or "").
+        policy: the accepted modalities, body parts and sizes.
+
+    Returns:
+        Flags (short reasons) for images that may be chests but are not known to be: empty
+        ``BodyPartExamined`` or ``Modality`` in a DICOM, a lateral view. Flagged images are
+        listed, not classified.
+
+    Raises:
+        NotRadiographError: SOP class or Modality of another kind of image.
+        NotChestError: ``BodyPartExamined`` names another body part.
+        ColourImageError: a colour DICOM (RGB, YBR_*, PALETTE COLOR).
+        TooSmallImageError: a side below ``policy.min_side``.
+        ConstantImageError: ``max - min`` of the pixels below ``policy.min_range``.
+    """
+    arr = np.asarray(pixels)
+    h, w = arr.shape[-2:]
+    if min(h, w) < policy.min_side:
+        raise TooSmallImageError(
+            path, f"the image is {h} x {w} pixels, below the minimum side of {policy.min_side}"
+        )
+    flags: list[str] = []
+    if meta.get("format") == "dicom":
+        flags += _check_header(path, meta, policy)
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi - lo < policy.min_range:
+        raise ConstantImageError(path, f"the pixel values span {hi - lo:.2g} (a blank image)")
+    return flags
+
+
+def _check_header(path: str | Path, meta: Mapping[str, Any], policy: RadiographPolicy) -> list[str]:
+    """The DICOM header part of :func:`check_radiograph`."""
+    keys = ("sop_class", "modality", "photometric", "body_part", "view_position")
+    text = {k: str(meta.get(k) or "").strip() for k in keys}
+    sop, modality = text.get("sop_class", ""), text.get("modality", "").upper()
+    if sop and sop not in CR_DX_SOP_CLASSES:
+        from pydicom.uid import UID
+
+        name = UID(sop).name if UID(sop).is_valid else "an unknown SOP class"
+        raise NotRadiographError(path, f"the SOP class is {name}, not CR or DX image storage")
+    if modality and modality not in policy.modalities:
+        raise NotRadiographError(
+            path, f"Modality is {modality[:16]}, not one of {policy.modalities}"
+        )
+    photometric = text.get("photometric", "").upper()
+    if photometric and not photometric.startswith("MONOCHROME"):
+        raise ColourImageError(path, f"the photometric interpretation is {photometric[:16]}")
+    flags = [] if modality else ["no Modality in the header"]
+    body = text.get("body_part", "").upper()
+    if not body:
+        flags.append("no BodyPartExamined in the header (unknown body part)")
+    elif not any(part in body for part in policy.body_parts):
+        raise NotChestError(path, f"BodyPartExamined is {body[:16]}, not a chest")
+    view = text.get("view_position", "").upper()
+    if view in LATERAL_VIEWS:
+        flags.append(f"lateral view ({view}); the classifier reads frontal films")
+    return flags
 
 
 # --------------------------------------------------------------------------------------------
@@ -858,21 +1074,63 @@ def _file_has_pixel_tag(path: Path) -> bool:
     return any(tag in data[132:] for tag in _PIXEL_DATA_TAGS)
 
 
-def _header_checks(path: Path, ds: Any, limits: ReadLimits, ended_early: bool) -> None:
+def _last_element_end(ds: Any) -> int | None:
+    """File offset just past the last top-level element pydicom parsed (file meta included),
+    or None when it cannot be known (undefined lengths, already converted elements).
+
+    Must be called right after ``dcmread``, before elements are accessed (they are still
+    pydicom ``RawDataElement`` with ``value_tell`` and ``length``)."""
+    for dataset in (ds, getattr(ds, "file_meta", None)):
+        elements = getattr(dataset, "_dict", None)
+        if not elements:
+            continue
+        last = elements[max(elements)]
+        tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+        if tell is None or length is None or length == 0xFFFFFFFF:
+            return None
+        return int(tell) + int(length)
+    return None
+
+
+def _sop_class(ds: Any) -> Any:
+    """The SOP Class UID (file meta first, then the dataset), or None."""
+    uid = getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
+    return uid or None
+
+
+def _header_checks(
+    path: Path, ds: Any, limits: ReadLimits, ended_early: bool, complete: bool | None
+) -> None:
     """Everything that must hold before pixel data is touched.
 
     ``ended_early``: pydicom reported the end of the file inside an element (it then drops
-    an incomplete encapsulated Pixel Data element).
+    an incomplete encapsulated Pixel Data element). ``complete``: the last parsed element
+    ends exactly at the end of the file (None: unknown).
     """
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise UnsupportedImageError(path, "float pixel data is not supported")
         if ended_early or _file_has_pixel_tag(path):
             raise TruncatedFileError(path, "the file ends inside its pixel data")
-        sop_class = getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
-        if sop_class is not None and "Image Storage" in sop_class.name and "Rows" not in ds:
-            raise TruncatedFileError(path, "the file ends before the image it declares")
-        raise NoPixelDataError(path, "the DICOM file has no pixel data element")
+        sop_class = _sop_class(ds)
+        name = getattr(sop_class, "name", str(sop_class)) if sop_class else "no SOP class"
+        # a cut at an element boundary inside the Image Pixel module: it started, Rows or
+        # Columns (which precede Pixel Data) are missing
+        pixel_module = any(k in ds for k in ("SamplesPerPixel", "PhotometricInterpretation"))
+        cut_in_module = pixel_module and not ("Rows" in ds and "Columns" in ds)
+        empty = len(ds) == 0 and not getattr(ds, "file_meta", None)
+        if complete is False or cut_in_module or empty:
+            raise TruncatedFileError(path, "the file ends inside its header, before any pixel data")
+        name = getattr(sop_class, "name", str(sop_class))
+        raise NoPixelDataError(path, f"the file is complete but holds no image ({name})")
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword in ds:
+            try:
+                value = _first_number(ds[keyword].value)
+            except (TypeError, ValueError, IndexError):
+                raise NonFiniteImageError(path, f"{keyword} is not a number") from None
+            if not math.isfinite(value):
+                raise NonFiniteImageError(path, f"{keyword} is {value}")
     try:
         frames = int(_first_number(ds.get("NumberOfFrames", 1) or 1))
     except (TypeError, ValueError):
@@ -906,7 +1164,13 @@ def _decode(path: Path, ds: Any) -> np.ndarray:
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax is None:
         raise UnsupportedImageError(path, "the file meta has no Transfer Syntax UID")
-    if tsyntax.is_compressed:
+    try:
+        compressed = tsyntax.is_compressed
+    except ValueError:  # pydicom does not know this UID
+        raise UnsupportedImageError(
+            path, f"unknown transfer syntax {str(tsyntax)[:64]!r}"
+        ) from None
+    if compressed:
         packages = _DECODER_PACKAGES.get(str(tsyntax))
         install = f"the decoder (pip install {packages})" if packages else "a pydicom plugin"
         try:
@@ -923,22 +1187,51 @@ def _decode(path: Path, ds: Any) -> np.ndarray:
                 f"Install {install}, or convert the file to an uncompressed transfer syntax.",
             )
     else:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = rows * cols * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated)
-        expected = (bits + 7) // 8
+        expected = _native_bytes(ds)
         have = len(ds.PixelData)
         if have < expected:
             raise TruncatedFileError(
                 path, f"the pixel data has {have} of the {expected} bytes the header declares"
             )
+        # trailing zero padding is tolerated; other excess bytes mean the header's size is
+        # wrong (reading it would skew the image) or the data holds several frames
+        if have > expected + 1 and (have >= 2 * expected or _nonzero_tail(ds, expected)):
+            raise CorruptPixelDataError(
+                path,
+                f"the pixel data has {have} bytes, more than the {expected} the header "
+                f"declares (wrong Rows/Columns/BitsAllocated, or several frames)",
+            )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return ds.pixel_array
+            arr = ds.pixel_array
     except Exception as err:
         raise CorruptPixelDataError(
-            path, f"decoding {tsyntax.name} pixel data failed ({type(err).__name__}: {err})"
+            path, f"decoding {tsyntax.name} pixel data failed ({type(err).__name__})"
         ) from err
+    rows, cols, spp = int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1))
+    want = (rows, cols) if spp == 1 else (rows, cols, spp)
+    if arr.shape != want:
+        raise CorruptPixelDataError(
+            path, f"the decoded pixel data has shape {arr.shape}, the header declares {want}"
+        )
+    return arr
+
+
+def _nonzero_tail(ds: Any, start: int) -> bool:
+    """Whether the native pixel data holds any non-zero byte after ``start``."""
+    return any(np.frombuffer(ds.PixelData, dtype=np.uint8, offset=start))
+
+
+def _native_bytes(ds: Any) -> int:
+    """Bytes of one uncompressed frame, counting 4:2:2 chroma subsampling (YBR_FULL_422:
+    two samples per pixel on average) and 1-bit packing."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    spp = int(ds.get("SamplesPerPixel", 1))
+    if spp == 3 and str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        spp = 2  # Y0 Y1 Cb Cr for every two pixels
+    bits = rows * cols * spp * int(ds.BitsAllocated)
+    return (bits + 7) // 8
 
 
 def _load_dicom(
@@ -952,20 +1245,40 @@ def _load_dicom(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+            end = _last_element_end(ds)
     except InvalidDicomError as err:
         raise NotDicomError(path, "not a DICOM file (no 'DICM' marker) nor a known image") from err
     except EOFError as err:
         raise TruncatedFileError(path, f"the file ends inside its header ({err})") from err
     except Exception as err:
         # The message may quote header values (patient data): name only the error type.
-        raise CXRReadError(
-            path,
-            f"the DICOM header is unreadable ({type(err).__name__})",
-            "Re-export the file from the source.",
+        raise CorruptHeaderError(
+            path, f"the DICOM header is unreadable ({type(err).__name__})"
         ) from err
 
     ended_early = any("End of file reached" in str(w.message) for w in caught)
-    _header_checks(path, ds, limits, ended_early)
+    complete = None if end is None else end == path.stat().st_size
+    try:
+        return _dicom_image(path, ds, apply_voi, settings, limits, ended_early, complete)
+    except CXRReadError:
+        raise
+    except Exception as err:  # a damaged element fails when it is first read
+        raise CorruptHeaderError(
+            path, f"a header element cannot be read ({type(err).__name__})"
+        ) from err
+
+
+def _dicom_image(
+    path: Path,
+    ds: Any,
+    apply_voi: bool,
+    settings: Settings | None,
+    limits: ReadLimits,
+    ended_early: bool,
+    complete: bool | None,
+) -> CXRImage:
+    """Checks, decoding and grey-level conversion of a parsed DICOM header."""
+    _header_checks(path, ds, limits, ended_early, complete)
     arr = _decode(path, ds)
 
     photometric = str(ds.PhotometricInterpretation).strip()
@@ -976,8 +1289,21 @@ def _load_dicom(
         grey *= np.float32(1.0 / (2 ** int(ds.BitsStored) - 1))
         pixels, meta["converted_from"], meta["voi"] = grey, photometric, "none (colour image)"
     else:
-        plan = _grey_plan(ds, apply_voi)
-        pixels = _grey_to_unit(arr, ds, plan)
+        try:
+            plan = _grey_plan(ds, apply_voi)
+            pixels = _grey_to_unit(arr, ds, plan)
+        except (
+            IndexError,
+            TypeError,
+            ValueError,
+            KeyError,
+            AttributeError,
+            OverflowError,
+            struct.error,
+        ) as err:
+            raise BadLUTError(
+                path, f"the modality/VOI transform cannot be applied ({type(err).__name__})"
+            ) from err
         meta["voi"], meta["inverted"] = plan.voi_desc, plan.invert
 
     patient_id = _text(ds, "PatientID") or ""
@@ -991,5 +1317,6 @@ def _load_dicom(
         body_part=_text(ds, "BodyPartExamined"),
         photometric=photometric,
         transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        sop_class=str(_sop_class(ds) or "") or None,
     )
     return CXRImage(pixels=pixels, meta=meta)

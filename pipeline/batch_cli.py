@@ -1,12 +1,13 @@
 """``isnet-cxr batch run``: classify, segment and explain a folder tree of chest X-rays.
 
 Mount with ``app.add_typer(batch_app, name="batch")``; then
-``isnet-cxr batch run INPUT... --model CKPT --out DIR [--no-heatmaps] [--no-resume]``.
+``isnet-cxr batch run INPUT... --model CKPT --out DIR [--no-heatmaps] [--restart]``.
 
-Exit codes: 0 done (unreadable files are listed in ``errors.csv``, they do not fail the run);
-2 bad arguments; 3 the model checkpoint (or segmentation checkpoint) does not exist;
-4 the model has no usable ``model.json``; 5 no input files, or the output folder holds
-results of another model.
+Exit codes: 0 done (unreadable, refused and flagged files are listed in ``errors.csv``, they
+do not fail the run); 2 bad arguments; 3 the model checkpoint (or segmentation checkpoint)
+does not exist; 4 the model has no usable ``model.json``; 5 no input files, or the output
+folder holds results of another model or other settings (``--restart`` to redo it); 6 another
+run is writing to the same output folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import typer
 EXIT_NO_MODEL = 3
 EXIT_NO_CARD = 4
 EXIT_BAD_INPUT = 5
+EXIT_LOCKED = 6
 
 batch_app = typer.Typer(
     help="Batch runs over folders of DICOM files (resumable; errors listed, never fatal).",
@@ -45,6 +47,13 @@ def run_command(
     out: Path = typer.Option(..., help="Output folder (predictions.csv, errors.csv, ...)."),
     heatmaps: bool = typer.Option(True, help="LRP heatmap overlays + background share."),
     resume: bool = typer.Option(True, help="Skip files already in the output tables."),
+    restart: bool = typer.Option(
+        False, help="Delete the results in --out (any model or settings) and start again."
+    ),
+    masks: bool = typer.Option(True, help="Write lung masks as PNG under masks/."),
+    dicom_seg: bool = typer.Option(
+        False, help="Also write each lung mask as a DICOM SEG under dicom_seg/ (DICOM inputs)."
+    ),
     seg_model: Path | None = typer.Option(
         None, help="Lung segmentation checkpoint (default: the committed synthetic U-Net)."
     ),
@@ -56,7 +65,7 @@ def run_command(
     """Predict every image: class probabilities, lung-mask quality, LRP overlay; then a summary."""
     from classification.model_card import ModelCardError
     from cxr_io.resources import default_segmenter
-    from pipeline.batch import BatchInputError, run_batch
+    from pipeline.batch import BatchInputError, BatchLockedError, run_batch
 
     if not model.is_file():
         _fail(
@@ -75,8 +84,10 @@ def run_command(
             seg_checkpoint=seg,
             batch_size=batch_size,
             heatmaps=heatmaps,
-            resume=resume,
+            resume=resume and not restart,
             progress=progress,
+            masks=masks,
+            dicom_seg=dicom_seg,
             max_files=max_files,
             device=device,
         )
@@ -86,6 +97,8 @@ def run_command(
         _fail(str(exc), EXIT_NO_MODEL)
     except BatchInputError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
+    except BatchLockedError as exc:
+        _fail(str(exc), EXIT_LOCKED)
 
     s = summary
     typer.echo(
@@ -98,9 +111,12 @@ def run_command(
         typer.echo(f"not chest by BodyPartExamined: {s.non_chest} (see body_part)")
     if s.errors:
         kinds = ", ".join(f"{k}: {n}" for k, n in s.errors_by_kind.items())
-        typer.echo(f"not processed: {s.errors} ({kinds}); reasons in {s.errors_csv}")
+        typer.echo(f"not classified: {s.errors} ({kinds}); reasons in {s.errors_csv}")
+    if s.refused_by_error:
+        why = ", ".join(f"{k}: {n}" for k, n in s.refused_by_error.items())
+        typer.echo(f"refused (not a chest radiograph or not usable): {why}")
     for note in s.notes:
         typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
     if not s.complete:
         typer.echo("stopped early (--max-files): run the same command again to continue")
-    typer.echo(f"results: {s.predictions_csv}")
+    typer.echo(f"results: {s.predictions_csv}; overview: {s.index_html}")

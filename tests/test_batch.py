@@ -32,6 +32,8 @@ GOOD = [
     "patient_c/IM0006",
     "patient_c/IM0007",
 ]
+KNEE = "patient_b/knee/IM0005"
+CLASSIFIED = [g for g in GOOD if g != KNEE]  # the knee is refused (BodyPartExamined)
 FLOAT_COLS = ["prob_normal", "prob_pneumonia", "prob_covid", "lung_area_fraction"]
 
 
@@ -132,7 +134,7 @@ def test_every_good_file_has_a_row_and_errors_are_named(one_shot) -> None:
     preds, errs = read(out, "predictions.csv"), read(out, "errors.csv")
     assert list(preds.columns) == prediction_columns(CLASSES)
     assert list(errs.columns) == list(ERROR_COLUMNS)
-    assert sorted(preds["rel_path"]) == sorted(GOOD)
+    assert sorted(preds["rel_path"]) == sorted(CLASSIFIED)
     assert (
         preds["pseudo_id"].is_unique and preds["pseudo_id"].str.match(r"^img-[0-9a-f]{16}$").all()
     )
@@ -156,13 +158,17 @@ def test_every_good_file_has_a_row_and_errors_are_named(one_shot) -> None:
     assert by_path.loc["DICOMDIR", "kind"] == "skipped"
     dup = by_path.loc["patient_c/copy_of_IM0001"]
     assert dup["kind"] == "duplicate" and "patient_a/IM0001" in dup["reason"]
-    assert len(errs) == 4
+    knee = by_path.loc[KNEE]
+    assert knee["kind"] == "refused" and knee["error"] == "NotChestError"
+    assert "KNEE" in knee["reason"]
+    assert len(errs) == 5
 
-    assert s.predictions == len(GOOD) and s.errors == 4 and s.complete
-    assert s.errors_by_kind == {"duplicate": 1, "skipped": 1, "unreadable": 2}
-    assert s.non_chest == 1
+    assert s.predictions == len(CLASSIFIED) and s.errors == 5 and s.complete
+    assert s.errors_by_kind == {"duplicate": 1, "refused": 1, "skipped": 1, "unreadable": 2}
+    assert s.refused_by_error == {"NotChestError": 1}
+    assert s.non_chest == 0  # never classified
     summary = json.loads((out / "summary.json").read_text())
-    assert sum(summary["per_class"].values()) == len(GOOD)
+    assert sum(summary["per_class"].values()) == len(CLASSIFIED)
     assert summary["seg_flagged"] == int((preds["seg_ok"] == "False").sum())
     assert summary["model"]["classes"] == CLASSES
 
@@ -171,7 +177,7 @@ def test_monochrome1_and_body_part(one_shot) -> None:
     preds = read(one_shot["out"], "predictions.csv").set_index("rel_path")
     mono1 = preds.loc["patient_b/IM0004_mono1"]
     assert mono1["photometric"] == "MONOCHROME1"
-    assert preds.loc["patient_b/knee/IM0005", "body_part"] == "KNEE"
+    assert KNEE not in preds.index
     assert set(preds["modality"]) == {"CR"}
 
 
@@ -211,15 +217,15 @@ def test_resume_after_interruption_equals_one_shot(setup, one_shot, tmp_path, mo
     with (out / "predictions.csv").open("a") as fh:
         fh.write("img-0123456789abcdef,patient_c/IM00")
     second = run_batch(setup["tree"], setup["model"], out, batch_size=3, progress=False)
-    total = len(GOOD) + 4
+    total = len(GOOD) + 4  # the knee is in errors.csv
     assert second.complete and second.already_done == 5
     assert second.processed_now == total - 5
     same_table(read(out, "predictions.csv"), read(one_shot["out"], "predictions.csv"))
     same_table(read(out, "errors.csv"), read(one_shot["out"], "errors.csv"))
     # a third run has nothing left to do
     third = run_batch(setup["tree"], setup["model"], out, progress=False)
-    assert third.processed_now == 0 and third.predictions == len(GOOD)
-    assert len(read(out, "predictions.csv")) == len(GOOD)
+    assert third.processed_now == 0 and third.predictions == len(CLASSIFIED)
+    assert len(read(out, "predictions.csv")) == len(CLASSIFIED)
 
 
 def test_changed_file_is_processed_again_and_no_resume_starts_over(setup, tmp_path) -> None:
@@ -247,7 +253,7 @@ def test_no_identifier_in_any_output(one_shot) -> None:
     values = [v.lower() for i in range(9) for v in planted(i).values()]
     values += ["quixotic", "zebulon"]
     outputs = [p for p in one_shot["out"].rglob("*") if p.is_file()]
-    assert len(outputs) >= len(GOOD) + 3
+    assert len(outputs) >= 2 * len(CLASSIFIED) + 4  # overlays, masks, tables, html
     for path in outputs:
         data = path.read_bytes().lower()
         for v in values:
