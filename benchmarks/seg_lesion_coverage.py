@@ -122,12 +122,16 @@ def make_cases(
     return CaseSet([str(folder / p) for p in rel], labels, np.array(masks), np.array(added))
 
 
-def score(ckpt: Path, cases: CaseSet) -> dict[str, dict[str, float]]:
-    """Per class (and ``all``): coverage summary + Dice mean/min of ``ckpt``'s masks."""
-    from segmentation.infer import predict_files
+def score(
+    ckpt: Path, cases: CaseSet, threshold: float | None = None
+) -> dict[str, dict[str, float]]:
+    """Per class (and ``all``): coverage summary + Dice mean/min of ``ckpt``'s masks
+    (``threshold``: probability threshold; default that of :class:`PostprocessConfig`)."""
+    from segmentation.infer import PostprocessConfig, predict_files
     from segmentation.metrics import coverage_of, score_mask, summarise_coverage
 
-    res = predict_files(cases.paths, ckpt, batch_size=8)
+    post = PostprocessConfig() if threshold is None else PostprocessConfig(threshold=threshold)
+    res = predict_files(cases.paths, ckpt, batch_size=8, post=post)
     cov = np.array([coverage_of(r.mask, a) for r, a in zip(res, cases.added, strict=True)])
     visible = np.array([a.mean() >= MIN_ADDED for a in cases.added])
     cov[~visible] = np.nan
@@ -170,6 +174,7 @@ def main() -> None:
     ap.add_argument("--n-phantom", type=int, default=40, help="phantom films per phantom site")
     ap.add_argument("--n-ct", type=int, default=14, help="CT-projected films per CT site")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threshold", type=float, default=None, help="mask threshold (default 0.5)")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -186,7 +191,7 @@ def main() -> None:
                 cases = make_cases(args.out, source, site_names, n, size, args.seed, diff)
                 for ckpt in ckpts:
                     t0 = time.perf_counter()
-                    r = score(ckpt, cases)
+                    r = score(ckpt, cases, args.threshold)
                     key = (
                         f"{ckpt} | difficulty {diff:g} | {size} px | {source} "
                         f"{'+'.join(site_names)} seed {args.seed}"

@@ -66,6 +66,7 @@ class AugmentConfig:
     prob_blur: float = 0.3
     prob_opacity: float = 0.5
     prob_haze: float = 0.5
+    opacity_edge: float = 0.0
 
 
 class RandLungOpacityd(RandomizableTransform, MapTransform):
@@ -74,7 +75,9 @@ class RandLungOpacityd(RandomizableTransform, MapTransform):
     With probability ``prob`` one to ``max_blobs`` consolidations are added: soft-edged, textured
     ellipses centred on random lung pixels, radius ``radius`` (fractions of the image side),
     peak ``amplitude`` (in the [0, 1] normalised intensity, bright = dense), cut at the mask
-    edge like the synthetic findings. With probability ``prob_haze`` (given the transform fires)
+    edge like the synthetic findings; each blob is centred on the lung's edge (pixels within
+    ``edge_px`` of the mask border) with probability ``edge_prob``, where a lesion cut by the
+    border is hardest to keep inside the mask. With probability ``prob_haze`` (given the transform fires)
     a peripheral haze is added instead of / besides them: amplitude ``haze_amplitude`` times
     ``exp(-distance to the mask edge / (haze_width * side))`` times a smooth random field.
 
@@ -90,6 +93,8 @@ class RandLungOpacityd(RandomizableTransform, MapTransform):
         mask_key: str = "mask",
         prob: float = 0.5,
         prob_haze: float = 0.5,
+        edge_prob: float = 0.0,
+        edge_px: int = 3,
         max_blobs: int = 3,
         radius: tuple[float, float] = (0.04, 0.13),
         amplitude: tuple[float, float] = (0.2, 0.8),
@@ -99,6 +104,7 @@ class RandLungOpacityd(RandomizableTransform, MapTransform):
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.mask_key, self.prob_haze, self.max_blobs = mask_key, prob_haze, max_blobs
+        self.edge_prob, self.edge_px = edge_prob, edge_px
         self.radius, self.amplitude = radius, amplitude
         self.haze_amplitude, self.haze_width = haze_amplitude, haze_width
 
@@ -115,6 +121,8 @@ class RandLungOpacityd(RandomizableTransform, MapTransform):
         side = float(max(h, w))
         out = np.zeros((h, w), dtype=np.float32)
         rows, cols = np.nonzero(lung)
+        edge = lung & ~ndimage.binary_erosion(lung, iterations=self.edge_px)
+        e_rows, e_cols = np.nonzero(edge)
         if rows.size == 0:
             return out
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -122,10 +130,15 @@ class RandLungOpacityd(RandomizableTransform, MapTransform):
         haze = self.R.random() < self.prob_haze
         n_blobs = int(self.R.randint(0 if haze else 1, self.max_blobs + 1))
         for _ in range(n_blobs):
-            k = int(self.R.randint(rows.size))
+            if self.edge_prob > 0 and e_rows.size and self.R.random() < self.edge_prob:
+                k = int(self.R.randint(e_rows.size))
+                cy, cx = e_rows[k], e_cols[k]
+            else:
+                k = int(self.R.randint(rows.size))
+                cy, cx = rows[k], cols[k]
             r = self.R.uniform(*self.radius) * side
             e = self.R.uniform(0.7, 1.3)
-            d = np.sqrt(((xx - cols[k]) / (r * e)) ** 2 + ((yy - rows[k]) * e / r) ** 2)
+            d = np.sqrt(((xx - cx) / (r * e)) ** 2 + ((yy - cy) * e / r) ** 2)
             blob = np.clip(1.0 - (d * (1.0 + 0.2 * tex)) ** 2, 0.0, 1.0) ** 1.5
             amp = self.R.uniform(*self.amplitude)
             out = np.maximum(out, amp * blob * (0.85 + 0.15 * np.clip(tex, -2, 2)))
@@ -205,7 +218,14 @@ def augmentations(cfg: AugmentConfig, spatial_size: Sequence[int], with_mask: bo
     rot = math.radians(cfg.rotate_deg)
     opacity: list = []
     if with_mask and cfg.prob_opacity > 0:
-        opacity = [RandLungOpacityd(keys="image", prob=cfg.prob_opacity, prob_haze=cfg.prob_haze)]
+        opacity = [
+            RandLungOpacityd(
+                keys="image",
+                prob=cfg.prob_opacity,
+                prob_haze=cfg.prob_haze,
+                edge_prob=cfg.opacity_edge,
+            )
+        ]
     return [
         RandAffined(
             keys=keys,
