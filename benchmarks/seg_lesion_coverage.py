@@ -124,9 +124,10 @@ def make_cases(
 
 def score(
     ckpt: Path, cases: CaseSet, threshold: float | None = None
-) -> dict[str, dict[str, float]]:
+) -> tuple[dict[str, dict[str, float]], list[np.ndarray], np.ndarray]:
     """Per class (and ``all``): coverage summary + Dice mean/min of ``ckpt``'s masks
-    (``threshold``: probability threshold; default that of :class:`PostprocessConfig`)."""
+    (``threshold``: probability threshold; default that of :class:`PostprocessConfig`); also the
+    predicted masks ``[H, W]`` and the coverage per film (``nan``: finding not visible)."""
     from segmentation.infer import PostprocessConfig, predict_files
     from segmentation.metrics import coverage_of, score_mask, summarise_coverage
 
@@ -136,6 +137,7 @@ def score(
     visible = np.array([a.mean() >= MIN_ADDED for a in cases.added])
     cov[~visible] = np.nan
     dice = np.array([score_mask(r.mask, m).dice for r, m in zip(res, cases.masks, strict=True)])
+    gt_cov = np.array([coverage_of(m, a) for m, a in zip(cases.masks, cases.added, strict=True)])
     labels = np.array(cases.labels)
     out = {}
     for cls in (*LESION_CLASSES, "all"):
@@ -143,9 +145,46 @@ def score(
         s = summarise_coverage(cov[sel])
         s["dice_mean"], s["dice_min"] = float(dice[sel].mean()), float(dice[sel].min())
         s["not_visible"] = float((sel & ~visible).sum())
-        s["gt_coverage_min"] = 1.0  # findings are drawn inside the reference mask
+        s["gt_coverage_min"] = float(np.nanmin(gt_cov[sel & visible], initial=1.0))
         out[cls] = s
-    return out
+    return out, [r.mask for r in res], cov
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def contact_sheet(
+    cases: CaseSet, masks: list[list[np.ndarray]], covs: list[np.ndarray], path: Path, k: int = 6
+) -> Path:
+    """The ``k`` films with the lowest coverage under the first checkpoint: film (grey), finding
+    (magenta), first checkpoint's outline (orange), last checkpoint's outline (green); caption
+    = coverages. Written as a PNG at ``path``."""
+    from PIL import Image, ImageDraw
+
+    from pipeline.dicom import load_cxr
+
+    order = [int(i) for i in np.argsort(np.nan_to_num(covs[0], nan=2.0))[:k]]
+    tiles = []
+    for i in order:
+        film = np.asarray(load_cxr(cases.paths[i]).pixels, dtype=np.float32)
+        a = cases.added[i] / max(float(cases.added[i].max()), 1e-6)
+        rgb = np.repeat(film[..., None], 3, axis=2) * 0.8
+        rgb[..., 0] += 0.6 * a
+        rgb[..., 2] += 0.6 * a
+        rgb[_outline(masks[0][i])] = (1.0, 0.55, 0.0)
+        rgb[_outline(masks[-1][i])] = (0.1, 1.0, 0.1)
+        img = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)).resize((256, 256))
+        canvas = Image.new("RGB", (256, 276))
+        canvas.paste(img, (0, 20))
+        caption = " -> ".join(f"{c[i]:.2f}" for c in covs) + f"  {cases.labels[i]}"
+        ImageDraw.Draw(canvas).text((4, 4), caption, fill=(255, 255, 255))
+        tiles.append(np.asarray(canvas))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
+    return path
 
 
 def fmt(s: dict[str, float]) -> str:
@@ -176,6 +215,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--threshold", type=float, default=None, help="mask threshold (default 0.5)")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    ap.add_argument(
+        "--figures", type=Path, default=None, help="write contact sheets of the worst films here"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ckpts = args.ckpt or [DEFAULT_MODEL]
@@ -189,9 +231,12 @@ def main() -> None:
                 if not site_names or n < 1:
                     continue
                 cases = make_cases(args.out, source, site_names, n, size, args.seed, diff)
+                all_masks, all_covs = [], []
                 for ckpt in ckpts:
                     t0 = time.perf_counter()
-                    r = score(ckpt, cases, args.threshold)
+                    r, masks, covs = score(ckpt, cases, args.threshold)
+                    all_masks.append(masks)
+                    all_covs.append(covs)
                     key = (
                         f"{ckpt} | difficulty {diff:g} | {size} px | {source} "
                         f"{'+'.join(site_names)} seed {args.seed}"
@@ -200,6 +245,9 @@ def main() -> None:
                     print(f"\n== {key} ({time.perf_counter() - t0:.1f} s)")
                     for cls, s in r.items():
                         print(f"  {CLASS_NAMES.get(cls, cls):18s} {fmt(s)}")
+                if args.figures:
+                    name = f"coverage_{source}_{size}px_d{diff:g}.png"
+                    print("figure:", contact_sheet(cases, all_masks, all_covs, args.figures / name))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
