@@ -77,8 +77,9 @@ class RandLungOpacityd(RandomizableTransform, MapTransform):
     peak ``amplitude`` (in the [0, 1] normalised intensity, bright = dense), cut at the mask
     edge like the synthetic findings; each blob is centred on the lung's edge (pixels within
     ``edge_px`` of the mask border) with probability ``edge_prob``, where a lesion cut by the
-    border is hardest to keep inside the mask. With probability ``prob_haze`` (given the transform fires)
-    a peripheral haze is added instead of / besides them: amplitude ``haze_amplitude`` times
+    border is hardest to keep inside the mask (tried, not adopted: it did not raise coverage).
+    With probability ``prob_haze`` (given the transform fires) a peripheral haze is added
+    instead of / besides them: amplitude ``haze_amplitude`` times
     ``exp(-distance to the mask edge / (haze_width * side))`` times a smooth random field.
 
     Keys: ``keys`` the image(s) ``[1, H, W]`` in [0, 1]; ``mask_key`` the lung mask ``[1, H, W]``.
