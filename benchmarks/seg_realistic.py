@@ -153,13 +153,27 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-seed", type=int, default=1000)
+    ap.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="training seed (default --seed; data keeps --seed)",
+    )
+    ap.add_argument(
+        "--augment",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="segmentation.data.AugmentConfig field for training, e.g. prob_opacity=0 (repeatable)",
+    )
     ap.add_argument("--test-site", default="hospital-c", help="phantom site held out of training")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", type=Path, default=DEFAULT_MODEL, help="model to compare with")
     ap.add_argument("--save-model", type=Path, default=None)
     ap.add_argument("--max-model-mb", type=float, default=5.0)
     ap.add_argument("--min-phantom-dice", type=float, default=0.95)
-    ap.add_argument("--skip-train", action="store_true", help="reuse <out>/run/models/model.pt")
+    ap.add_argument("--skip-train", action="store_true", help="reuse <out>/<run>/models/model.pt")
+    ap.add_argument("--run", default="run", help="training run folder under --out (data shared)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -196,19 +210,27 @@ def main() -> None:
     combined_manifest(parts, train_names, train_dir)
     print(f"training sites: {train_names} ({' + '.join(parts)}, train/val splits)")
 
-    run_dir = args.out / "run"
+    run_dir = args.out / args.run
     ckpt = run_dir / "models" / "model.pt"
     if not args.skip_train:
         shutil.rmtree(run_dir, ignore_errors=True)
         t1 = time.perf_counter()
+        extra: dict = {"train#trainer#max_epochs": args.epochs}
+        if args.augment:
+            aug = {k: float(v) for k, v in (a.split("=", 1) for a in args.augment)}
+            extra["train#preprocessing#augment"] = {
+                "_target_": "segmentation.data.AugmentConfig",
+                **aug,
+            }
+            print(f"augmentation overrides: {aug}")
         ckpt = train_seg(
             train_dir,
             run_dir,
             spatial_size=[args.size, args.size],
-            seed=args.seed,
+            seed=args.seed if args.train_seed is None else args.train_seed,
             batch_size=args.batch_size,
             patience=max(5, args.epochs // 4),
-            **{"train#trainer#max_epochs": args.epochs},
+            **extra,
         )
         print(f"training: {time.perf_counter() - t1:.1f} s -> {ckpt}")
     print(f"model spec: {json.loads(ckpt.with_suffix('.json').read_text())}")

@@ -1,8 +1,15 @@
-"""Segmentation metrics: Dice, IoU and 95th-percentile Hausdorff distance (MONAI metrics).
+"""Segmentation metrics: Dice, IoU, 95th-percentile Hausdorff distance (MONAI metrics) and
+lesion coverage.
 
-Masks are bool/0-1 arrays ``[H, W]``; all three metrics treat the lung field as one class.
+Masks are bool/0-1 arrays ``[H, W]``; all three overlap metrics treat the lung field as one class.
 HD95 is in pixels, or in millimetres when a spacing ``(row_mm, col_mm)`` is given. An empty
 prediction or reference gives ``nan`` for HD95 (and Dice 0 when only one of them is empty).
+
+Lesion coverage (:func:`lesion_coverage`) asks what Dice hides: of the density a finding adds to
+a film (the film rendered with minus without its finding, positive part), which fraction lies
+inside the predicted mask. A mask with Dice 0.99 can still cut a dense consolidation out of the
+lung field; the ISNet loss then penalises relevance on that part of the lesion, and
+segment-then-classify zeroes it.
 """
 
 from __future__ import annotations
@@ -53,6 +60,65 @@ def score_mask(
     else:
         hd95 = 0.0 if both_empty else math.nan
     return MaskScores(dice=float(dice.item()), iou=float(iou.item()), hd95=hd95)
+
+
+def added_density(with_finding: np.ndarray, without_finding: np.ndarray) -> np.ndarray:
+    """Density a finding adds: ``max(with - without, 0)`` float64 ``[H, W]``.
+
+    Both images are the same film (same anatomy, pose, exposure, noise) rendered with and without
+    its finding, bright = dense, same shape.
+    """
+    w = np.asarray(with_finding, dtype=np.float64)
+    wo = np.asarray(without_finding, dtype=np.float64)
+    if w.shape != wo.shape or w.ndim != 2:
+        raise ValueError(f"expected two [H, W] images of one shape, got {w.shape} and {wo.shape}")
+    return np.clip(w - wo, 0.0, None)
+
+
+def lesion_coverage(
+    pred: np.ndarray, with_finding: np.ndarray, without_finding: np.ndarray
+) -> float:
+    """Fraction of a finding's added density (:func:`added_density`) inside mask ``pred``.
+
+    Args:
+        pred: bool mask ``[H, W]`` (the segmenter's lung field).
+        with_finding, without_finding: the film ``[H, W]`` with and without its finding.
+
+    Returns:
+        ``sum(added * pred) / sum(added)`` in [0, 1]; ``nan`` when the finding adds nothing
+        (a normal film, or a finding cut away entirely by collimation).
+    """
+    return coverage_of(pred, added_density(with_finding, without_finding))
+
+
+def coverage_of(pred: np.ndarray, added: np.ndarray) -> float:
+    """Fraction of the non-negative density ``added`` ``[H, W]`` inside bool mask ``pred``
+    ``[H, W]`` (``nan`` when ``added`` sums to 0); see :func:`lesion_coverage`."""
+    a = np.asarray(added, dtype=np.float64)
+    m = np.asarray(pred, dtype=bool)
+    if m.shape != a.shape:
+        raise ValueError(f"mask shape {m.shape} != image shape {a.shape}")
+    if (a < 0).any():
+        raise ValueError("added density must be non-negative (use added_density)")
+    total = float(a.sum())
+    if total <= 0.0:
+        return math.nan
+    return float(a[m].sum() / total)
+
+
+def summarise_coverage(values: Sequence[float], low: float = 0.9) -> dict[str, float]:
+    """Mean, median, min of lesion coverages (``nan`` ignored) and how many are below ``low``."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return {"n": 0.0, "mean": math.nan, "median": math.nan, "min": math.nan, "below": 0.0}
+    return {
+        "n": float(v.size),
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "min": float(v.min()),
+        "below": float((v < low).sum()),
+    }
 
 
 def summarise(scores: Sequence[MaskScores]) -> dict[str, float]:
