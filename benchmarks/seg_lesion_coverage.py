@@ -14,7 +14,8 @@ A CT lesion can fall almost entirely behind the heart or outside the field of vi
 finding adds less than ``MIN_ADDED`` (1e-4) mean density per pixel (e.g. one quantisation step)
 are left out of the coverage numbers and counted as "not visible" (they still count for Dice).
 
-Sources: drawn phantoms (``--phantom-sites``, default the held-out site hospital-c) and
+Sources: drawn phantoms (``--phantom-sites``, default the held-out site hospital-c; the
+portable site ``hospital-d`` of the imperfect-segmentation condition can be named too) and
 radiographs projected from the real CT (``--ct-sites``, default all three sites), classes
 alternating ``pneumonia`` (dense consolidation) / ``covid`` (diffuse peripheral haze). The test
 seed (default 1000) is never used for training; use another seed and the training sites
@@ -62,13 +63,13 @@ def render_pair(source: str, site, label: str, ss, size: int, difficulty: float,
     """(film with its finding, film without) as :class:`SyntheticCase` objects."""
     kw = {"size": size, "difficulty": difficulty}
     if source == "ct":
-        from pipeline.synthetic_ct import render_ct_case
+        from synthetic.ct import render_ct_case
 
         return tuple(
             render_ct_case(site, label, ss, Path(ct_dir), with_finding=w, **kw)
             for w in (True, False)
         )
-    from pipeline.synthetic import render_case
+    from synthetic import render_case
 
     return tuple(render_case(site, label, ss, with_finding=w, **kw) for w in (True, False))
 
@@ -83,8 +84,8 @@ def make_cases(
     difficulty: float,
 ) -> CaseSet:
     """Render (or load from ``out``) ``n_per_site`` films per site, classes alternating."""
-    from pipeline.synthetic import default_sites, image_seed, write_dicom
     from segmentation.metrics import added_density
+    from synthetic import default_sites, image_seed, portable_site, write_dicom
 
     sites_tag = "+".join(site_names)
     folder = out / f"{source}_{size}px_d{difficulty:g}_seed{seed}_{sites_tag}_n{n_per_site}"
@@ -96,11 +97,11 @@ def make_cases(
             )
     ct_dir = ""
     if source == "ct":
-        from pipeline.settings import Settings
-        from pipeline.synthetic_ct import fetch_ct
+        from cxr_io.settings import Settings
+        from synthetic.ct import fetch_ct
 
         ct_dir = str(fetch_ct(Settings.from_env()))
-    sites = [s for s in default_sites() if s.name in site_names]
+    sites = [s for s in [*default_sites(), portable_site()] if s.name in site_names]
     t0 = time.perf_counter()
     rel, labels, masks, added = [], [], [], []
     for site in sites:
@@ -164,7 +165,7 @@ def contact_sheet(
     = coverages. Written as a PNG at ``path``."""
     from PIL import Image, ImageDraw
 
-    from pipeline.dicom import load_cxr
+    from cxr_io.readers import load_cxr
 
     order = [int(i) for i in np.argsort(np.nan_to_num(covs[0], nan=2.0))[:k]]
     tiles = []

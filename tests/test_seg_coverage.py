@@ -70,7 +70,7 @@ def test_summarise_coverage_ignores_nan():
 
 def test_rendered_finding_lies_inside_the_reference_mask():
     """The premise of the metric: same seed with/without the finding differs only in the lungs."""
-    from pipeline.synthetic import default_sites, render_case
+    from synthetic import default_sites, render_case
 
     site = default_sites()[0]
     with_f = render_case(site, "pneumonia", 7, size=64, difficulty=0.0)
