@@ -1269,6 +1269,14 @@ def bias_test_sites(base_site: SiteConfig) -> list[SiteConfig]:
     ]
 
 
+def bias_free_sites(sites: Sequence[SiteConfig]) -> list[SiteConfig]:
+    """The same sites with every marker removed (``marker_style="none"``), keeping each site's
+    name and seed key: with the same ``seed``, :func:`make_dataset` renders the same patients,
+    findings, labels and splits, only without markers. A classifier trained on them is the
+    bias-free reference (the accuracy the lungs allow) for a model trained on ``sites``."""
+    return [replace(s, seed_key=s.key, marker_style="none") for s in sites]
+
+
 def make_bias_test_sets(
     out_dir: str | os.PathLike,
     base_site: SiteConfig,
