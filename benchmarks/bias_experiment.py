@@ -1,16 +1,23 @@
-"""Does it work? Standard vs ISNet vs segment-then-classify vs RRR under synthetic background bias.
+"""Does it work? Standard vs ISNet vs segment-then-classify vs RRR vs the bias-free reference.
 
 Trains every method on the same biased multi-site synthetic training set (same backbone, size, seed,
 epochs) and reports, on the biased / unbiased / confounding test sets of one training site
-(isnet-method.md section 7), the accuracy and the share of LRP relevance outside the lungs.
+(isnet-method.md section 7), macro AUROC, balanced accuracy, accuracy and the share of LRP
+relevance outside the lungs, for the selected checkpoint (``--select``; ISNet: validation ISNet
+loss) and for the last epoch's weights. The ``reference`` row is a standard classifier trained on
+the same training patients re-rendered WITHOUT markers (:func:`pipeline.synthetic.bias_free_sites`,
+``DATA/train_clean``): the accuracy the lungs allow, the ceiling an ISNet should approach. Every
+other method is compared with it, paired by seed, with a 95% bootstrap over test images.
 
-    .venv/bin/python benchmarks/bias_experiment.py --out outputs/bias_exp --n-per-site 200 \
-        --size 64 --difficulty 0 --epochs 40 --seeds 0,1 \
-        --isnet-params '{"variant": "stochastic", "P": 0.7}'
+    .venv/bin/python benchmarks/bias_experiment.py --data /tmp/r6/d64 --out outputs/bias_exp \
+        --n-per-site 200 --size 64 --difficulty 0 --epochs 40 --lr 3e-3 --seeds 0,1,2 \
+        --methods reference,standard,isnet --isnet-params '{"variant": "stochastic", "P": 0.7}'
 
-``--data`` reuses one generated data set across invocations; every run's per-epoch history
-(train CE, heatmap loss, P, validation accuracy) and the test confusion matrices go to
-``OUT/results.json``; the table gives mean +- std over seeds.
+``--data`` reuses one generated data set across invocations; ``--reference-from OUT/results.json``
+compares this invocation's methods with a reference trained by an earlier one. Every run's
+per-epoch history (train CE, heatmap loss and its background / foreground parts, P, validation
+accuracy / AUROC / loss), the test confusion matrices and probabilities go to ``OUT/results.json``;
+the table gives means over seeds.
 
 A model that learned the shortcut is good on biased, worse on unbiased and bad on confounding; a
 model that ignores the background scores the same on all three. An ISNet whose accuracy stays near
