@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from classification.isnet_loss import ISNetLossConfig, isnet_losses, make_selector  # noqa: E402
+from classification.isnet_loss import ISNetLossConfig  # noqa: E402
+from classification.methods import ISNet  # noqa: E402
 from classification.models import build_backbone  # noqa: E402
 
 
@@ -66,7 +67,12 @@ def _batch(s: Setting, classes: int, size: int, seed: int = 0):
 
 
 class Stepper:
-    """A model + SGD optimiser doing standard or ISNet training steps on a fixed batch."""
+    """A model + SGD optimiser doing standard or ISNet training steps on a fixed batch.
+
+    The ISNet step is the one training runs: :meth:`classification.methods.ISNet.loss` (which
+    calls :func:`classification.isnet_loss.isnet_losses`), backward, gradient-norm clipping at 1,
+    optimiser step, as :class:`classification.train.MethodIteration` does.
+    """
 
     def __init__(self, s: Setting, classes: int, size: int, cfg: ISNetLossConfig) -> None:
         torch.manual_seed(0)
@@ -74,7 +80,7 @@ class Stepper:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.99)
         self.x, self.y, self.mask = _batch(s, classes, size)
         self.cfg = cfg
-        self.selector = make_selector(cfg.variant, torch.Generator().manual_seed(0))
+        self.method = ISNet(cfg, torch.Generator().manual_seed(0))
 
     def standard(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -84,8 +90,8 @@ class Stepper:
 
     def isnet(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        out = isnet_losses(self.model, self.x, self.y, self.mask, self.cfg, self.selector)
-        out.total.backward()
+        out = self.method.loss(self.model, self.x, self.y, self.mask)
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
 

@@ -41,7 +41,20 @@ def train_command(
         True, help="ISNet: tune C1/C2 on a plain network first (unless given in --params)."
     ),
     tune_epochs: int = typer.Option(5, help="ISNet: epochs of the plain network for tuning."),
-    augment: bool = typer.Option(True, help="Light geometric/intensity augmentation."),
+    augment: bool | None = typer.Option(
+        None,
+        "--augment/--no-augment",
+        help="Force the full light augmentation on / off (overrides --augment-policy).",
+    ),
+    augment_policy: str = typer.Option(
+        "auto",
+        help="auto (ISNet: intensity only, others: full) | none | intensity | geometric | full.",
+    ),
+    select: str = typer.Option(
+        "auto",
+        help="Model selection: auto (ISNet: val_loss, others: val_acc) | val_acc | val_auroc | "
+        "val_loss | last.",
+    ),
     out: Path = typer.Option(
         ..., help="Output folder (best_model.pt + model.json, checkpoints, ...)."
     ),
@@ -80,7 +93,8 @@ def train_command(
         seed=seed,
         tune_constants=tune_constants,
         tune_epochs=tune_epochs,
-        augment=augment,
+        augment=augment_policy if augment is None else augment,
+        select=select,
     )
     typer.echo(
         f"training {key} ({backbone}, {size}px) on {len(splits['train'])} images, validating on "
@@ -103,4 +117,7 @@ def train_command(
     if result.constants is not None:
         typer.echo(f"ISNet constants: C1={result.constants[0]:.4g} C2={result.constants[1]:.4g}")
     best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f}"
-    typer.echo(f"best val_acc {best}; model: {result.best_model} (card: {card.name})")
+    typer.echo(
+        f"best {result.select} {best} (epoch {result.best_epoch}); model: {result.best_model} "
+        f"(card: {card.name})"
+    )

@@ -28,6 +28,7 @@ from monai.transforms import (
 from cxr_io.readers import LoadCXRd, LoadMaskd
 
 __all__ = [
+    "AUGMENT_POLICIES",
     "AugmentConfig",
     "build_dataset",
     "build_loader",
@@ -38,12 +39,17 @@ __all__ = [
 KEEP_KEYS = ("image", "mask", "label")
 
 
+AUGMENT_POLICIES = ("none", "intensity", "geometric", "full")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Light geometric + intensity augmentation, applied identically to image and mask.
 
     ``rotate_deg``: max rotation in degrees; ``scale``: max relative zoom; ``translate``: max shift
     as a fraction of the side; ``intensity``: max relative scale / absolute shift of intensities.
+    A part whose magnitudes are all 0 is left out of the transform chain. The default is the
+    ``full`` policy (geometric + intensity); see :meth:`from_policy`.
     """
 
     prob: float = 0.8
@@ -51,6 +57,28 @@ class AugmentConfig:
     scale: float = 0.05
     translate: float = 0.04
     intensity: float = 0.1
+
+    @property
+    def geometric(self) -> bool:
+        """Whether the affine (rotation / zoom / shift) part is on."""
+        return self.rotate_deg > 0 or self.scale > 0 or self.translate > 0
+
+    @classmethod
+    def from_policy(cls, policy: str) -> AugmentConfig | None:
+        """A named policy: ``none`` (None: no random transform), ``intensity`` (intensity scale
+        and shift only), ``geometric`` (rotation / zoom / shift only) or ``full`` (both)."""
+        key = str(policy).lower()
+        if key == "none":
+            return None
+        if key == "intensity":
+            return cls(rotate_deg=0.0, scale=0.0, translate=0.0)
+        if key == "geometric":
+            return cls(intensity=0.0)
+        if key == "full":
+            return cls()
+        raise ValueError(
+            f"unknown augmentation policy {policy!r}; choose one of {AUGMENT_POLICIES}"
+        )
 
 
 def clean_records(records: Sequence[dict[str, Any]], *, need_masks: bool) -> list[dict[str, Any]]:
@@ -101,7 +129,7 @@ def build_transforms(
     xs.append(Resized(keys=["image"], spatial_size=(size, size), mode="area"))
     if with_mask:
         xs.append(Resized(keys=["mask"], spatial_size=(size, size), mode="nearest"))
-    if augment is not None:
+    if augment is not None and augment.geometric:
         a = augment
         xs.append(
             RandAffined(
@@ -114,6 +142,8 @@ def build_transforms(
                 padding_mode="zeros",
             )
         )
+    if augment is not None and augment.intensity > 0:
+        a = augment
         xs.append(RandScaleIntensityd(keys=["image"], factors=a.intensity, prob=a.prob))
         xs.append(RandShiftIntensityd(keys=["image"], offsets=a.intensity, prob=a.prob))
         xs.append(Lambdad(keys=["image"], func=partial(torch.clamp, min=0.0, max=1.0)))

@@ -25,6 +25,7 @@ __all__ = [
     "foreground_loss",
     "gwrp",
     "heatmap_loss",
+    "heatmap_loss_parts",
     "isnet_losses",
     "isnet_total_loss",
     "make_selector",
@@ -208,10 +209,16 @@ def foreground_loss(
     return (low + high).mean(dim=1)
 
 
-def heatmap_loss(R: Tensor, mask: Tensor, cfg: ISNetLossConfig) -> Tensor:
-    """``L_H = mean_b(A * L_bg + B * L_fg)`` (scalar)."""
+def heatmap_loss_parts(R: Tensor, mask: Tensor, cfg: ISNetLossConfig) -> tuple[Tensor, Tensor]:
+    """Per-sample background and foreground terms ``([B], [B])``, unweighted."""
     bg = background_loss(R, mask, cfg.d, cfg.E)
     fg = foreground_loss(R, mask, cfg.C1, cfg.C2, cfg.huber_upper)
+    return bg, fg
+
+
+def heatmap_loss(R: Tensor, mask: Tensor, cfg: ISNetLossConfig) -> Tensor:
+    """``L_H = mean_b(A * L_bg + B * L_fg)`` (scalar)."""
+    bg, fg = heatmap_loss_parts(R, mask, cfg)
     return (cfg.A * bg + cfg.B * fg).mean()
 
 
@@ -296,14 +303,17 @@ def tune_c1_c2(total_relevance: Tensor) -> tuple[float, float]:
 
 @dataclass
 class ISNetLosses:
-    """Losses of one ISNet step: ``logits [B, N]``, scalars ``ce``, ``lh``, ``total``, and
-    the heatmaps ``R [B, K, C, H, W]`` (differentiable)."""
+    """Losses of one ISNet step: ``logits [B, N]``, scalars ``ce``, ``lh``, ``total``, the
+    heatmaps ``R [B, K, C, H, W]`` (differentiable), and the batch means of the unweighted
+    background and foreground terms ``bg``, ``fg`` (scalars; ``lh = A bg + B fg``)."""
 
     logits: Tensor
     ce: Tensor
     lh: Tensor
     total: Tensor
     R: Tensor
+    bg: Tensor
+    fg: Tensor
 
 
 def isnet_losses(
@@ -314,12 +324,18 @@ def isnet_losses(
     cfg: ISNetLossConfig,
     selector: Callable[[Tensor], Tensor] | None = None,
     input_bounds: tuple[float, float] | None | str = "config",
+    *,
+    P: float | None = None,
+    create_graph: bool = True,
 ) -> ISNetLosses:
     """One forward + one LRP backward (create_graph) -> CE, heatmap loss and total.
 
-    ``x [B, C, H, W]``, ``y [B]`` class indices, ``mask [B, 1, H, W]`` binary. Call
-    ``.total.backward()`` for exact gradients of ``(1-P) CE + P L_H``. ``input_bounds``
-    defaults to ``cfg.input_bounds``; pass a value (or None) to override it.
+    This is THE ISNet step: :class:`classification.methods.ISNet` (the training loop) and the
+    step benchmark call it. ``x [B, C, H, W]``, ``y [B]`` class indices, ``mask [B, 1, H, W]``
+    binary. Call ``.total.backward()`` for exact gradients of ``(1-P) CE + P L_H``.
+    ``input_bounds`` defaults to ``cfg.input_bounds``; pass a value (or None) to override it.
+    ``P`` overrides ``cfg.P`` (e.g. during a warm-up). ``create_graph=False`` gives the same
+    values without the second-order graph (validation: no ``backward`` through the heatmaps).
     """
     if isinstance(input_bounds, str):
         if input_bounds != "config":
@@ -334,11 +350,13 @@ def isnet_losses(
         select,
         eps=cfg.eps,
         input_bounds=input_bounds,
-        create_graph=True,
+        create_graph=create_graph,
         at=cfg.heatmap_layer,
     )
-    if cfg.heatmap_layer is not None:
+    if cfg.heatmap_layer is not None:  # hidden-layer relevance [B, K, C', h, w]: one map per (b, k)
         R = R.sum(dim=2, keepdim=True)
     ce = F.cross_entropy(logits, y)
-    lh = heatmap_loss(R, mask, cfg)
-    return ISNetLosses(logits, ce, lh, isnet_total_loss(ce, lh, cfg.P), R)
+    bg, fg = heatmap_loss_parts(R, mask, cfg)
+    lh = (cfg.A * bg + cfg.B * fg).mean()
+    total = isnet_total_loss(ce, lh, cfg.P if P is None else float(P))
+    return ISNetLosses(logits, ce, lh, total, R, bg.mean(), fg.mean())

@@ -25,13 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from classification.isnet_loss import (
-    ISNetLossConfig,
-    heatmap_loss,
-    isnet_total_loss,
-    make_selector,
-)
-from classification.lrp import lrp_heatmaps
+from classification.isnet_loss import ISNetLossConfig, isnet_losses, make_selector
 
 __all__ = [
     "ISNet",
@@ -179,6 +173,7 @@ class ISNet:
         self.selector = make_selector(self.cfg.variant, generator=generator)
         self.warmup_epochs = int(warmup_epochs)
         self.epoch = 1
+        self.create_graph = True  # second-order graph for training; False for validation
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the method which (1-based) epoch is being trained (for the ``P`` warm-up)."""
@@ -209,23 +204,32 @@ class ISNet:
     ) -> MethodOutput:
         masks = _require_masks(self.name, masks, images)
         P = self.current_P
-        layer = self.cfg.heatmap_layer
-        logits, R = lrp_heatmaps(
+        out = isnet_losses(
             model,
             images,
+            labels,
+            masks,
+            self.cfg,
             self.selector,
-            eps=self.cfg.eps,
-            input_bounds=self.cfg.input_bounds,
-            create_graph=True,
-            at=layer,
+            P=P,
+            create_graph=self.create_graph,
         )
-        if layer is not None:  # hidden-layer relevance [B, K, C', h, w]: one map per (b, k)
-            R = R.sum(dim=2, keepdim=True)
-        ce = F.cross_entropy(logits, labels)
-        lh = heatmap_loss(R, masks, self.cfg)
-        total = isnet_total_loss(ce, lh, P)
-        parts = {"ce": float(ce.detach()), "heatmap": float(lh.detach()), "P": P}
-        return MethodOutput(total, logits, parts)
+        parts = {
+            "ce": float(out.ce.detach()),
+            "heatmap": float(out.lh.detach()),
+            "bg": float(out.bg.detach()),
+            "fg": float(out.fg.detach()),
+            "P": P,
+        }
+        return MethodOutput(out.total, out.logits, parts)
+
+    def for_validation(self, seed: int = 0) -> ISNet:
+        """A copy for validation: the full ``cfg.P`` (no warm-up) and, for the stochastic
+        variant, a selector re-seeded with ``seed``, so every epoch's validation loss explains
+        the same random draws and epochs compare fairly."""
+        val = ISNet(self.cfg, torch.Generator().manual_seed(int(seed)))
+        val.create_graph = False  # values only: nothing back-propagates through validation
+        return val
 
 
 METHOD_NAMES = ("standard", "isnet", "segment_then_classify", "rrr")

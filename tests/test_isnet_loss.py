@@ -194,3 +194,19 @@ def test_isnet_losses_one_step(variant):
     hidden = isnet_losses(net, x, y, mask, ISNetLossConfig(heatmap_layer="features.pool1"))
     assert hidden.R.shape == (4, 1, 1, 8, 8)
     assert torch.isfinite(hidden.total)
+
+
+def test_isnet_losses_P_override_parts_and_values_without_graph():
+    torch.manual_seed(0)
+    model = build_backbone("small_cnn", 3).eval()
+    x = torch.rand(4, 1, 32, 32)
+    y = torch.tensor([0, 1, 2, 0])
+    mask = torch.zeros(4, 1, 32, 32)
+    mask[:, :, 6:26, 5:27] = 1
+    cfg = ISNetLossConfig(variant="selective", C1=0.5, C2=4.0)
+    full = isnet_losses(model, x, y, mask, cfg)
+    half = isnet_losses(model, x, y, mask, cfg, P=0.5)
+    torch.testing.assert_close(half.total, 0.5 * full.ce + 0.5 * full.lh)
+    torch.testing.assert_close(full.lh, cfg.A * full.bg + cfg.B * full.fg)
+    plain = isnet_losses(model, x, y, mask, cfg, create_graph=False)
+    torch.testing.assert_close(plain.total.detach(), full.total.detach())

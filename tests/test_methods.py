@@ -212,3 +212,53 @@ def test_isnet_heatmap_layer_matches_isnet_losses() -> None:
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(KeyError, match="no module named"):
         build_method("isnet", heatmap_layer="nope").loss(model, images, labels, masks)
+
+
+def test_isnet_method_step_is_isnet_losses(monkeypatch) -> None:
+    """One ISNet step in the code base: ``ISNet.loss`` goes through ``isnet_losses`` (what the
+    step benchmark times), with the warm-up P passed through; same loss, same gradients."""
+    import classification.methods as methods_mod
+    from classification.isnet_loss import isnet_losses, make_selector
+
+    calls: list[float | None] = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("P"))
+        return isnet_losses(*args, **kwargs)
+
+    monkeypatch.setattr(methods_mod, "isnet_losses", counting)
+    images, labels, masks = _batch()
+    cfg = ISNetLossConfig(variant="stochastic", C1=0.5, C2=5.0)
+    method = ISNet(cfg, torch.Generator().manual_seed(7), warmup_epochs=2)
+    method.set_epoch(2)  # P = 0.7 * 1/2
+    model = _model()
+    out = method.loss(model, images, labels, masks)
+    assert calls == [pytest.approx(0.35)]
+    ref_model = _model()
+    ref = isnet_losses(
+        ref_model,
+        images,
+        labels,
+        masks,
+        cfg,
+        make_selector("stochastic", torch.Generator().manual_seed(7)),
+        P=0.35,
+    )
+    assert float(out.loss) == pytest.approx(float(ref.total), rel=1e-6)
+    assert out.parts["heatmap"] == pytest.approx(
+        cfg.A * out.parts["bg"] + cfg.B * out.parts["fg"], rel=1e-5
+    )
+    out.loss.backward()
+    ref.total.backward()
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_isnet_for_validation_uses_full_P_and_no_second_order_graph() -> None:
+    images, labels, masks = _batch()
+    method = ISNet(ISNetLossConfig(variant="stochastic"), warmup_epochs=5)
+    assert method.current_P == 0.0  # epoch 1 of the warm-up
+    val = method.for_validation()
+    assert val.current_P == method.cfg.P and val.create_graph is False
+    out = val.loss(_model().eval(), images, labels, masks)
+    assert out.parts["P"] == method.cfg.P
