@@ -261,13 +261,17 @@ def plot_background_share(
 # ----------------------------------------------------------------------------- tables
 
 
-def _check_results(results: pd.DataFrame, metrics: Sequence[str]) -> None:
+def _check_columns(results: pd.DataFrame, metrics: Sequence[str]) -> None:
     missing = [c for c in ("method", "dataset", "kind", *metrics) if c not in results.columns]
     if missing:
         raise ValueError(
             f"results frame lacks column(s) {missing}; it needs one row per (method, dataset) "
             f"with columns method, dataset, kind and the metric columns. Has: {list(results)}"
         )
+
+
+def _check_results(results: pd.DataFrame, metrics: Sequence[str]) -> None:
+    _check_columns(results, metrics)
     dup = results.duplicated(["method", "dataset", "kind"])
     if dup.any():
         first = results.loc[dup, ["method", "dataset", "kind"]].iloc[0].tolist()
@@ -435,7 +439,7 @@ def table_caption(results: pd.DataFrame, metric: str = "auroc_macro") -> str:
 
 def summary_table(results: pd.DataFrame, metric: str = "auroc_macro") -> pd.DataFrame:
     """Method x dataset table: CI cells for one seed, mean ± SD (min-max) for several."""
-    _check_results(results.drop_duplicates(["method", "dataset", "kind"]), [metric])
+    _check_columns(results, [metric])
     summary = seed_summary(results, metric)
     summary["_cell"] = [format_seed_cell(r) for _, r in summary.iterrows()]
     summary["_col"] = [
@@ -687,13 +691,13 @@ def write_report(
         (what its cells are: :func:`table_caption`).
     """
     keys = ["method", "dataset", "kind"] + (["seed"] if "seed" in results.columns else [])
-    _check_results(results.drop_duplicates(keys), [metric])
+    _check_columns(results, [metric])
     dup = results.duplicated(keys)
     if dup.any():
         first = results.loc[dup, keys].iloc[0].tolist()
         raise ValueError(
-            f"results frame has several rows for {keys} {first}; aggregate folds first "
-            "(e.g. with summarise_runs) so there is one row each."
+            f"results frame has several rows for {keys} {first}; aggregate folds (and seeds, "
+            "or give a seed column) first, e.g. with summarise_runs, so there is one row each."
         )
     out = Path(out_dir)
     fig_dir = out / "figures"

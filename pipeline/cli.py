@@ -173,6 +173,15 @@ def apply_overrides(parser, overrides: list[str]) -> None:
         parser[key] = value
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause (MONAI wraps a config expression's error in a RuntimeError)."""
+    while exc.__cause__ is not None or (
+        exc.__context__ is not None and isinstance(exc, RuntimeError)
+    ):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 def _run_study_config(config: Path, quick: bool, out: Path | None, overrides: list[str]) -> None:
     from monai.bundle import ConfigParser
 
@@ -201,8 +210,8 @@ def _run_study_config(config: Path, quick: bool, out: Path | None, overrides: li
     try:  # the whole config is checked here, before any data, mask or model work
         cfg = parser.get_parsed_content("study")
         out_dir = Path(parser.get_parsed_content("output_dir"))
-    except (ValueError, TypeError, KeyError) as exc:
-        _fail(f"{config}: {exc}")
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        _fail(f"{config}: {_root_cause(exc)}")
     command = "isnet-cxr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         result = run_study(cfg, out_dir, command=command, log=typer.echo, progress=True)

@@ -425,38 +425,43 @@ class TrainingRun(RunHandle):
         return logged.model_id
 
 
-class CXRClassifierModel(PythonModel):
-    """A model artifact (weights + ``model.json``) as an MLflow pyfunc model: the same
-    :class:`~pipeline.predictor.Predictor` path as every other door (lung masks from the
-    packaged U-Net where the method needs them).
+# MLflow warns at class creation about predict()'s missing type hints; the signature given at
+# logging time validates the input instead
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
 
-    Input: radiographs in [0, 1], an array ``[N, 1, H, W]`` or ``[N, H, W]`` (float32; any
-    ``H, W``: they are resized to the card's size). Output: a DataFrame with one
-    ``prob_<class>`` column per class (the card's output order) and ``label``.
-    Needs only the installed ``isnet-cxr`` package to load (``mlflow.pyfunc.load_model``).
-    """
+    class CXRClassifierModel(PythonModel):
+        """A model artifact (weights + ``model.json``) as an MLflow pyfunc model: the same
+        :class:`~pipeline.predictor.Predictor` path as every other door (lung masks from the
+        packaged U-Net where the method needs them).
 
-    def load_context(self, context: Any) -> None:
-        from pipeline.predictor import Predictor
+        Input: radiographs in [0, 1], an array ``[N, 1, H, W]`` or ``[N, H, W]`` (float32; any
+        ``H, W``: they are resized to the card's size). Output: a DataFrame with one
+        ``prob_<class>`` column per class (the card's output order) and ``label``.
+        Needs only the installed ``isnet-cxr`` package to load (``mlflow.pyfunc.load_model``).
+        """
 
-        self.predictor = Predictor.load(context.artifacts[MODEL_ARTIFACT])
+        def load_context(self, context: Any) -> None:
+            from pipeline.predictor import Predictor
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> pd.DataFrame:
-        if isinstance(model_input, dict):  # a named-tensor input
-            model_input = next(iter(model_input.values()))
-        x = np.asarray(model_input, dtype=np.float32)
-        if x.ndim == 3:
-            x = x[:, None]
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"expected images [N, 1, H, W] or [N, H, W], got {x.shape}")
-        preds = self.predictor.predict([self.predictor.read(im) for im in x], heatmaps=False)
-        classes = list(self.predictor.classes)
-        frame = pd.DataFrame(
-            np.stack([p.probs for p in preds]).astype(np.float64),
-            columns=[f"prob_{c}" for c in metric_safe_names(classes)],
-        )
-        frame["label"] = [p.label for p in preds]
-        return frame
+            self.predictor = Predictor.load(context.artifacts[MODEL_ARTIFACT])
+
+        def predict(self, context, model_input, params=None):  # noqa: ANN001
+            if isinstance(model_input, dict):  # a named-tensor input
+                model_input = next(iter(model_input.values()))
+            x = np.asarray(model_input, dtype=np.float32)
+            if x.ndim == 3:
+                x = x[:, None]
+            if x.ndim != 4 or x.shape[1] != 1:
+                raise ValueError(f"expected images [N, 1, H, W] or [N, H, W], got {x.shape}")
+            preds = self.predictor.predict([self.predictor.read(im) for im in x], heatmaps=False)
+            classes = list(self.predictor.classes)
+            frame = pd.DataFrame(
+                np.stack([p.probs for p in preds]).astype(np.float64),
+                columns=[f"prob_{c}" for c in metric_safe_names(classes)],
+            )
+            frame["label"] = [p.label for p in preds]
+            return frame
 
 
 def project_requirements() -> list[str]:
