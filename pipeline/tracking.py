@@ -994,8 +994,12 @@ class BundleRunLogger:
                 frame = frame[frame["site"].isin(list(self.sites))]
             return frame
         frame = pd.DataFrame([dict(r) for r in self.records])
-        keep = [c for c in frame.columns if isinstance(frame[c].iloc[0], (str, int, float))]
-        return frame[keep] if len(frame) else None
+        if frame.empty:
+            return None
+        if "label_name" in frame:  # to_records: label is the class index, label_name its name
+            frame["label"] = frame["label_name"]
+        keep = [c for c in frame.columns if frame[c].map(pd.api.types.is_scalar).all()]
+        return frame[keep]
 
     def find_run(self) -> str | None:
         """The id of the newest run named ``run_name`` (None when tracking is off)."""
