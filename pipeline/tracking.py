@@ -950,8 +950,9 @@ class BundleRunLogger:
     Args:
         tracking_uri, run_name: where MONAI's handler logs (the bundle's ids of those names).
         params: resolved settings (nested dicts are flattened to ``a.b`` names).
-        model_files: files of the model artifact (e.g. ``best_model.pt``, ``model.json``);
-            missing ones are skipped.
+        model_files: files of the model artifact, as paths (names kept) or as a mapping
+            ``{name in the artifact: path}`` (e.g. ``{"model.pt": ".../best_model.pt",
+            "model.json": ...}``, the model-zoo name); missing ones are skipped.
         records: the training data dicts (``image``, ``label``, ``site``, ``patient_id``, ...)
             or a manifest CSV path.
         dataset_name: the MLflow dataset name.
@@ -963,7 +964,7 @@ class BundleRunLogger:
         tracking_uri: str | None,
         run_name: str | None,
         params: Mapping[str, Any] | None = None,
-        model_files: Sequence[str | os.PathLike] = (),
+        model_files: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike] = (),
         records: Sequence[Mapping[str, Any]] | str | os.PathLike | None = None,
         dataset_name: str = "training",
         settings: Settings | None = None,
@@ -972,7 +973,10 @@ class BundleRunLogger:
     ) -> None:
         self.tracking_uri, self.run_name = tracking_uri, run_name
         self.params = dict(params or {})
-        self.model_files = [Path(f) for f in model_files]
+        if isinstance(model_files, Mapping):
+            self.model_files = {str(k): Path(v) for k, v in model_files.items()}
+        else:
+            self.model_files = {Path(f).name: Path(f) for f in model_files}
         self.records = records
         self.dataset_name = dataset_name
         self.settings = settings
@@ -1042,8 +1046,13 @@ class BundleRunLogger:
         items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), _BATCH):
             client.log_batch(run_id, params=items[i : i + _BATCH], synchronous=True)
-        for f in self.model_files:
-            if f.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, f in self.model_files.items():
+                if not f.is_file():
+                    continue
+                if f.name != name:  # upload under its artifact name
+                    f = Path(tmp) / name
+                    f.write_bytes(self.model_files[name].read_bytes())
                 client.log_artifact(run_id, str(f), MODEL_ARTIFACT)
         if frame is not None:
             secret = (self.settings or Settings.from_env()).pseudonym_secret()

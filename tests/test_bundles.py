@@ -145,7 +145,13 @@ def test_train_then_evaluate_overlay_and_mlflow_run_contents(tmp_path) -> None:
     assert params["method"] == "segment_then_classify" and params["size"] == str(SIZE)
     assert params["classes"] == '["covid", "normal", "pneumonia"]' and "lr" in params
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "model_artifact")}
-    assert arts == {"model_artifact/best_model.pt", "model_artifact/model.json"}
+    assert arts == {"model_artifact/model.pt", "model_artifact/model.json"}  # model-zoo names
+    from pipeline import Predictor
+
+    p = Predictor.load(
+        f"runs:/{run.info.run_id}/model_artifact", tracking_uri=f"sqlite:///{out / 'mlruns.db'}"
+    )
+    assert p.card.method == "segment_then_classify"
     (inp,) = run.inputs.dataset_inputs
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
     assert inp.dataset.name.startswith("train-")

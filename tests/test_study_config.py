@@ -145,3 +145,25 @@ def test_data_check_reports_unknown_labels(tmp_path):
     assert bad.exit_code == 2, bad.output
     assert "2 problem(s)" in bad.output
     assert "row 3" in bad.output and "'pneumonai'" in bad.output and "row 6" in bad.output
+
+
+def test_mask_stage_progress_bar_counts_files(tmp_path, capsys):
+    import threading
+    import time
+
+    from pipeline.study import _folder_progress
+
+    folder = tmp_path / "masks"
+
+    def writer():
+        folder.mkdir()
+        for i in range(4):
+            (folder / f"{i}.png").write_bytes(b"x")
+            time.sleep(0.2)
+
+    with _folder_progress(folder, 4, "lung masks", enabled=True):
+        t = threading.Thread(target=writer)
+        t.start()
+        t.join()
+    err = capsys.readouterr().err
+    assert "lung masks" in err and "4/4" in err
