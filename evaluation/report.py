@@ -560,10 +560,15 @@ def headline_metrics(results: pd.DataFrame, metric: str = "auroc_macro") -> dict
     ``<metric>.<method>.<dataset>`` with ``_lo``/``_hi`` (the bootstrap CI) for one seed; for
     several, the mean over seeds with ``_sd``, ``_min``, ``_max``, and each seed's value and CI as
     ``<metric>.<method>.<dataset>.seed<k>`` (``_lo``/``_hi``)."""
+    import re
+
+    def name(*parts: object) -> str:  # MLflow metric names: letters, digits, _ - . space : /
+        return ".".join(re.sub(r"[^\w\-. :/]", "_", str(p)) for p in parts)
+
     summary = seed_summary(results, metric)
     out: dict[str, float] = {}
     for _, r in summary.iterrows():
-        base = f"{metric}.{r['method']}.{r['dataset']}"
+        base = name(metric, r["method"], r["dataset"])
         out[base] = float(r["mean"])
         if r["n_seeds"] <= 1:
             out[f"{base}_lo"], out[f"{base}_hi"] = float(r["ci_low"]), float(r["ci_high"])
@@ -573,7 +578,7 @@ def headline_metrics(results: pd.DataFrame, metric: str = "auroc_macro") -> dict
     if n_seeds(results) > 1:
         lo, hi = _ci_columns(results, metric)
         for i, r in results.iterrows():
-            base = f"{metric}.{r['method']}.{r['dataset']}.seed{r['seed']}"
+            base = name(metric, r["method"], r["dataset"], f"seed{r['seed']}")
             out[base] = float(r[metric])
             out[f"{base}_lo"], out[f"{base}_hi"] = float(lo[i]), float(hi[i])
     return {k: v for k, v in out.items() if not math.isnan(v)}
