@@ -541,18 +541,38 @@ def study_conclusion(
                 text += f"; a heatmap blind to the mask puts {blind:.2f} there"
             sentences.append(text + ".")
     if paired is not None and len(paired):
-        clear = paired[(paired["ci_low"] > 0) | (paired["ci_high"] < 0)]
-        if len(clear):
-            parts = [
-                f"{r['isnet']} {'better' if r['difference'] > 0 else 'worse'} than "
-                f"{r['comparator']} on {r['dataset']} ({r['difference']:+.2f} "
-                f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}])"
-                for _, r in clear.iterrows()
-            ]
-            sentences.append("Paired tests whose 95% CI excludes 0: " + "; ".join(parts) + ".")
-        else:
-            sentences.append("No paired ISNet test has a 95% CI that excludes 0.")
+        sentences.append(_paired_sentence(paired))
     return " ".join(sentences)
+
+
+def _paired_sentence(paired: pd.DataFrame) -> str:
+    """The paired tests whose 95% CI excludes 0 in every seed (one clause per dataset and
+    comparison), and those that do so only in some seeds."""
+    clear, mixed = [], []
+    for (dataset, a, b), g in paired.groupby(["dataset", "isnet", "comparator"], sort=False):
+        above, below = (g["ci_low"] > 0), (g["ci_high"] < 0)
+        if above.all() or below.all():
+            word = "better" if above.all() else "worse"
+            if len(g) == 1:
+                r = g.iloc[0]
+                diff = f"{r['difference']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+            else:
+                diff = (
+                    f"in all {len(g)} seeds, differences {g['difference'].min():+.2f} to "
+                    f"{g['difference'].max():+.2f}"
+                )
+            clear.append(f"{a} {word} than {b} on {dataset} ({diff})")
+        elif (above | below).any():
+            mixed.append(f"{a} vs {b} on {dataset}")
+    text = (
+        "Paired tests whose 95% CI excludes 0"
+        + (" in every seed: " if paired.get("seed", pd.Series([0])).nunique() > 1 else ": ")
+        + ("; ".join(clear) if clear else "none")
+        + "."
+    )
+    if mixed:
+        text += " Excluding 0 in some seeds only (not a finding): " + "; ".join(mixed) + "."
+    return text
 
 
 def headline_metrics(results: pd.DataFrame, metric: str = "auroc_macro") -> dict[str, float]:

@@ -236,6 +236,20 @@ def log_dataset(
     return ds
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the block only."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def load_model(tracking_uri: str, model_id: str) -> Any:
     """Load a logged torch model (``models:/<model_id>``) from the given store.
 
@@ -354,7 +368,11 @@ class TrainingRun(RunHandle):
             art.mkdir()
             for f in (weights, folder / "model.json"):
                 (art / f.name).write_bytes(f.read_bytes())
-            with _scoped_tracking_uri(self.tracker.uri), warnings.catch_warnings():
+            with (
+                _scoped_tracking_uri(self.tracker.uri),
+                warnings.catch_warnings(),
+                _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),  # no bar per model
+            ):
                 warnings.simplefilter("ignore")
                 mlflow.pyfunc.log_model(
                     name=name,
