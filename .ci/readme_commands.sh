@@ -24,7 +24,7 @@ TINY_STUDY=(--set 'study_def#synthetic#n_per_site=18' --set 'study_def#synthetic
             --set 'study_def#n_boot=20' --set 'study_def#heatmap_examples=2')
 
 # --- Using it: from the shell
-run isnet-cxr data synth --out data/synthetic --n-per-site 12 --size 64 --workers 1
+run isnet-cxr data synth --out data/synthetic --n-per-site 24 --size 64 --workers 1  # 24: test rows in every class
 run isnet-cxr data check data/synthetic/manifest.csv --labels covid,normal,pneumonia
 one_dcm="$(find data/synthetic/images -name '*.dcm' | sort | head -1)"
 cp "$one_dcm" some.dcm
