@@ -385,3 +385,57 @@ def test_evaluation_rows_are_test_rows_and_each_run_has_its_heatmaps(tmp_path, s
     table = _read_predictions(client, ev.run_id, tmp_path)
     assert set(table["split"]) == {"test"}
     assert "heatmaps.png" in {a.path for a in client.list_artifacts(ev.run_id)}
+
+
+@pytest.mark.slow
+def test_store_check_names_allowed_hosts_for_a_real_refusing_server(tmp_path, migrated_db):
+    """A real `mlflow server` whose --allowed-hosts does not name the host the client uses
+    answers 403; the check says so (and what to set) instead of a raw MlflowException."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.tracking import TrackingStoreError, check_tracking_store
+    from tests.mlflow_support import QUIET_ENV, _free_port, _Server
+
+    shutil.copy(migrated_db, tmp_path / "s.db")
+    port = _free_port()
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 's.db'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--allowed-hosts",
+        f"mlflow-host,mlflow-host:{port}",
+    ]
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **QUIET_ENV},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # /health answers 403 too: wait until the port answers at all
+            try:
+                check_tracking_store(f"http://127.0.0.1:{port}", timeout=2)
+                raise AssertionError("the server accepted a host it was not told to allow")
+            except TrackingStoreError as err:
+                if "HTTP 403" in str(err):
+                    assert "--allowed-hosts" in str(err)
+                    break
+                assert time.monotonic() < deadline, _Server(
+                    proc, port, tmp_path / "log"
+                )._log_tail()
+                time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
