@@ -874,9 +874,9 @@ def _http_probe(uri: str, timeout: float) -> None:
         hint = {
             401: "it asks for credentials: set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD "
             "(or MLFLOW_TRACKING_TOKEN)",
-            403: "it refuses this client. MLflow servers (3.17 here) answer 403 to a Host header they "
-            "were not told to accept: start the server with --allowed-hosts naming the host "
-            "this URI uses (see README, 'A shared MLflow server'), or check its auth rules",
+            403: "it refuses this client. MLflow servers (3.17 here) answer 403 to a Host "
+            "header they were not told to accept: start the server with --allowed-hosts naming "
+            "the host this URI uses (README, 'A shared MLflow server'), or check its auth rules",
             404: "there is no MLflow tracking API at this address (wrong port or path?)",
         }.get(err.code, "the server answered with an error")
         raise TrackingStoreError(
