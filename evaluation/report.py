@@ -527,7 +527,9 @@ def study_conclusion(
             )
         if kept:
             sentences.append(
-                "Within that margin on both: " + ", ".join(m for m, _, _ in kept) + "."
+                f"Within {shortcut_drop:.2f} from {a} to {b} (no shortcut seen): "
+                + ", ".join(m for m, _, _ in kept)
+                + "."
             )
     if background in results.columns:
         share = results.groupby("method", sort=False)[background].mean().dropna()
