@@ -6,8 +6,10 @@ The results frame given to :func:`write_report` has one row per (method, dataset
   ``confounding``);
 - metric columns named as :mod:`evaluation.metrics` names them, each with
   ``<name>_ci_low`` / ``<name>_ci_high`` (e.g. ``auroc_macro``, ``auroc_macro_ci_low``, ...);
-- optionally ``background_relevance`` (share of positive relevance outside the lungs, 0..1),
-  with or without CI columns.
+- optionally ``background_relevance`` (share of |relevance| outside the lungs, 0..1),
+  with or without CI columns;
+- optionally ``seed``: then one row per (method, dataset, seed); tables show the mean and spread
+  over seeds, and each seed's 95% CIs separately (a CI averaged over seeds is not a CI).
 
 All plotting uses matplotlib's Agg canvas directly (no pyplot global figure state).
 """
@@ -33,7 +35,8 @@ METRIC_LABELS = {
     "f1_macro": "macro F1",
     "accuracy": "accuracy",
     "ece": "ECE (lower is better)",
-    "background_relevance": "background relevance share (lower is better)",
+    "background_relevance": "share of |relevance| outside the lungs (lower is better)",
+    "background_share": "share of |relevance| outside the lungs (lower is better)",
 }
 _KIND_COLORS = {
     "internal": "#1f77b4",
@@ -218,10 +221,15 @@ def plot_internal_vs_external(
 
 
 def plot_background_share(
-    results: pd.DataFrame, path: str | Path, *, column: str = "background_relevance"
+    results: pd.DataFrame,
+    path: str | Path,
+    *,
+    column: str = "background_relevance",
+    chance_column: str = "background_share_chance",
 ) -> Path:
-    """Bars: each method's mean share of relevance outside the lungs (over datasets), with
-    the per-dataset values as dots."""
+    """Bars: each method's mean share of |relevance| outside the lungs (over datasets), with
+    the per-dataset values as dots, and (when ``chance_column`` is there) a dashed line at the
+    share a heatmap blind to the lung mask would have (1 - lung-area fraction)."""
     methods = list(dict.fromkeys(results["method"]))
     fig = _figure(max(4.0, 1.2 * len(methods) + 2), 3.4)
     ax = fig.add_subplot()
@@ -229,9 +237,22 @@ def plot_background_share(
         vals = results.loc[results["method"] == method, column].astype(float).dropna()
         ax.bar(m, vals.mean() if len(vals) else 0.0, color="#8c8c8c", width=0.6)
         ax.plot(np.full(len(vals), m), vals, "o", color="black", ms=3)
+    if chance_column in results.columns:
+        level = float(results[chance_column].astype(float).mean())
+        if not math.isnan(level):
+            ax.axhline(level, ls="--", color="#d62728", lw=1)
+            ax.text(
+                len(methods) - 0.5,
+                level,
+                f"blind to the mask ({level:.2f})",
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                color="#d62728",
+            )
     ax.set_xticks(range(len(methods)), methods)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("share of positive relevance\noutside the lung mask")
+    ax.set_ylabel("share of |relevance|\noutside the lung mask")
     ax.set_title("Where do the models look? (lower is better)")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -240,13 +261,17 @@ def plot_background_share(
 # ----------------------------------------------------------------------------- tables
 
 
-def _check_results(results: pd.DataFrame, metrics: Sequence[str]) -> None:
+def _check_columns(results: pd.DataFrame, metrics: Sequence[str]) -> None:
     missing = [c for c in ("method", "dataset", "kind", *metrics) if c not in results.columns]
     if missing:
         raise ValueError(
             f"results frame lacks column(s) {missing}; it needs one row per (method, dataset) "
             f"with columns method, dataset, kind and the metric columns. Has: {list(results)}"
         )
+
+
+def _check_results(results: pd.DataFrame, metrics: Sequence[str]) -> None:
+    _check_columns(results, metrics)
     dup = results.duplicated(["method", "dataset", "kind"])
     if dup.any():
         first = results.loc[dup, ["method", "dataset", "kind"]].iloc[0].tolist()
@@ -287,21 +312,40 @@ def plot_heatmap_grid(
         raise ValueError("plot_heatmap_grid needs at least one method with one example")
     n_img = min(len(ex) for _, ex in per_method)
     n_col = 2 + len(per_method)
-    fig = _figure(1.9 * n_col, 1.9 * n_img + (0.4 if title else 0))
+    fig = _figure(1.9 * n_col, 1.9 * n_img + 0.9 + (0.4 if title else 0))
+    axes = fig.subplots(n_img, n_col, squeeze=False)
+    heat_image = None
     for r in range(n_img):
         image, mask, _ = per_method[0][1][r]
-        panels = [("image", image, "gray", (0, 1)), ("lung mask", mask, "gray", (0, 1))]
+        panels = [("image", image, "gray", None), ("lung mask", mask, "gray", None)]
         for name, examples in per_method:
             heat = np.abs(examples[r][2])
             top = float(np.percentile(heat, 99.5)) or 1.0
-            panels.append((name, heat, "hot", (0, top)))
-        for c, (name, arr, cmap, (lo, hi)) in enumerate(panels):
-            ax = fig.add_subplot(n_img, n_col, r * n_col + c + 1)
-            ax.imshow(arr, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            panels.append((name, np.clip(heat / top, 0, 1), "hot", examples[r][1]))
+        for c, (name, arr, cmap, outline) in enumerate(panels):
+            ax = axes[r, c]
+            shown = ax.imshow(arr, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            if outline is not None and np.ptp(np.asarray(outline, dtype=float)) > 0:
+                ax.contour(
+                    np.asarray(outline, dtype=float), levels=[0.5], colors="#00bcd4", linewidths=0.7
+                )
+                heat_image = shown
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(name, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"image {r + 1}", fontsize=8)
+    if heat_image is not None:
+        bar = fig.colorbar(
+            heat_image, ax=axes[:, 2:], orientation="horizontal", fraction=0.05, aspect=30, pad=0.02
+        )
+        bar.set_label(
+            "|LRP relevance| of the predicted class, scaled to each panel's 99.5th "
+            "percentile (cyan: lung mask outline)",
+            fontsize=7,
+        )
+        bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
@@ -328,6 +372,261 @@ def summarise_runs(
     out = grouped[numeric].mean()
     out["n_runs"] = grouped.size()
     return out.reset_index()
+
+
+# ----------------------------------------------------------------------------- seeds, conclusion
+
+
+def n_seeds(results: pd.DataFrame) -> int:
+    """Distinct training seeds in ``results`` (1 without a ``seed`` column)."""
+    return int(results["seed"].nunique()) if "seed" in results.columns else 1
+
+
+def seed_summary(results: pd.DataFrame, metric: str = "auroc_macro") -> pd.DataFrame:
+    """One row per (method, dataset, kind): ``mean``, ``sd`` (sample SD over seeds; NaN for one
+    seed), ``min``, ``max``, ``n_seeds``, and ``ci_low``/``ci_high``: the patient-bootstrap 95%
+    CI when there is one seed (NaN otherwise: a CI averaged over seeds is not a CI)."""
+    lo, hi = _ci_columns(results, metric)
+    frame = results.assign(_v=results[metric].astype(float), _lo=lo, _hi=hi)
+    keys = ["method", "dataset", "kind"]
+    g = frame.groupby(keys, sort=False)
+    out = pd.DataFrame(
+        {
+            "mean": g["_v"].mean(),
+            "sd": g["_v"].std(ddof=1),
+            "min": g["_v"].min(),
+            "max": g["_v"].max(),
+            "n_seeds": g["_v"].count(),
+            "ci_low": g["_lo"].first(),
+            "ci_high": g["_hi"].first(),
+        }
+    ).reset_index()
+    several = out["n_seeds"] > 1
+    out.loc[several, ["ci_low", "ci_high"]] = np.nan
+    return out
+
+
+def format_seed_cell(row: pd.Series, digits: int = 2) -> str:
+    """``"0.91 [0.87, 0.94]"`` for one seed; ``"0.91 ± 0.02 (0.89-0.93)"`` (mean ± SD
+    (min-max) over seeds) for several."""
+    if row["n_seeds"] <= 1:
+        return format_ci(float(row["mean"]), float(row["ci_low"]), float(row["ci_high"]), digits)
+    if math.isnan(float(row["mean"])):
+        return "n/a"
+    return (
+        f"{row['mean']:.{digits}f} ± {row['sd']:.{digits}f} "
+        f"({row['min']:.{digits}f}-{row['max']:.{digits}f})"
+    )
+
+
+def table_caption(results: pd.DataFrame, metric: str = "auroc_macro") -> str:
+    """What the main table's cells are (one seed: a CI over patients; several: a spread over
+    seeds)."""
+    name = METRIC_LABELS.get(metric, metric)
+    k = n_seeds(results)
+    if k <= 1:
+        seed = f" (seed {results['seed'].iloc[0]})" if "seed" in results.columns else ""
+        return (
+            f"{name}, 95% CI from a bootstrap over patients of one training run{seed}; "
+            "training-to-training variation is not included."
+        )
+    seeds = ", ".join(str(s) for s in sorted(results["seed"].unique()))
+    return (
+        f"{name}: mean ± SD over {k} training seeds ({seeds}), (min-max) over seeds. "
+        "Each seed's own 95% CIs (bootstrap over patients) are in the per-seed tables."
+    )
+
+
+def summary_table(results: pd.DataFrame, metric: str = "auroc_macro") -> pd.DataFrame:
+    """Method x dataset table: CI cells for one seed, mean ± SD (min-max) for several."""
+    _check_columns(results, [metric])
+    summary = seed_summary(results, metric)
+    summary["_cell"] = [format_seed_cell(r) for _, r in summary.iterrows()]
+    summary["_col"] = [
+        f"{d} ({k})" for d, k in zip(summary["dataset"], summary["kind"], strict=True)
+    ]
+    table = summary.pivot(index="method", columns="_col", values="_cell")
+    ordered = [f"{d} ({k})" for d, k in _ordered_columns(results)]
+    table = table.reindex(index=list(dict.fromkeys(results["method"])), columns=ordered)
+    table.columns.name = None
+    return table.fillna("n/a")
+
+
+def _describe(summary: pd.DataFrame, method: str, dataset: str) -> str:
+    row = summary[(summary["method"] == method) & (summary["dataset"] == dataset)].iloc[0]
+    return format_seed_cell(row)
+
+
+def _interval(row: pd.Series) -> tuple[float, float]:
+    if row["n_seeds"] <= 1:
+        return float(row["ci_low"]), float(row["ci_high"])
+    return float(row["min"]), float(row["max"])
+
+
+def study_conclusion(
+    results: pd.DataFrame,
+    paired: pd.DataFrame | None = None,
+    *,
+    metric: str = "auroc_macro",
+    background: str = "background_share",
+    shortcut_drop: float = 0.10,
+) -> str:
+    """A short plain-language paragraph of what the study found, from its numbers only: the
+    best method on each dataset (and whether its lead is clear: intervals not overlapping), which
+    methods took the shortcut (``metric`` falling by more than ``shortcut_drop`` from the biased
+    to the confounding set, or from internal to external without bias sets), where the
+    relevance lies, and the paired ISNet tests whose CI excludes 0.
+
+    Args:
+        results: one row per (method, dataset[, seed]) as :func:`write_report` takes.
+        paired: :func:`paired_table`'s input (columns dataset, isnet, comparator, difference,
+            ci_low, ci_high[, seed]).
+    """
+    summary = seed_summary(results, metric)
+    name = METRIC_LABELS.get(metric, metric)
+    k = n_seeds(results)
+    spread = (
+        "values with 95% CIs from a bootstrap over patients, one training run"
+        if k <= 1
+        else f"mean ± SD (min-max) over {k} training seeds"
+    )
+    sentences = [f"{name[0].upper() + name[1:]} ({spread})."]
+    for dataset, kind in _ordered_columns(results):
+        rows = summary[(summary["dataset"] == dataset) & (summary["kind"] == kind)]
+        rows = rows.dropna(subset=["mean"]).sort_values("mean", ascending=False)
+        if rows.empty:
+            continue
+        best = rows.iloc[0]
+        text = f"On {dataset} ({kind}) the best is {best['method']}, {format_seed_cell(best)}"
+        if len(rows) > 1:
+            second = rows.iloc[1]
+            clear = _interval(best)[0] > _interval(second)[1]
+            text += f"; next {second['method']}, {format_seed_cell(second)}" + (
+                " (clearly ahead)" if clear else " (the intervals overlap: no clear winner)"
+            )
+        sentences.append(text + ".")
+    kinds = set(summary["kind"])
+    pairs = [("biased", "confounding")] if {"biased", "confounding"} <= kinds else []
+    if not pairs and {"internal", "external"} <= kinds:
+        pairs = [("internal", "external")]
+    for a, b in pairs:
+        took, kept = [], []
+        for method in dict.fromkeys(summary["method"]):
+            rows = summary[summary["method"] == method]
+            va = rows.loc[rows["kind"] == a, "mean"].mean()
+            vb = rows.loc[rows["kind"] == b, "mean"].mean()
+            if math.isnan(va) or math.isnan(vb):
+                continue
+            (took if va - vb > shortcut_drop else kept).append((method, va, vb))
+        if took:
+            listed = "; ".join(f"{m} {va:.2f} on {a} vs {vb:.2f} on {b}" for m, va, vb in took)
+            verb = "took the shortcut" if a == "biased" else "did not generalise"
+            sentences.append(
+                f"{'These methods' if len(took) > 1 else 'This method'} {verb} "
+                f"({name} falls by more than {shortcut_drop:.2f} from {a} to {b}): {listed}."
+            )
+        if kept:
+            sentences.append(
+                f"Within {shortcut_drop:.2f} from {a} to {b} (no shortcut seen): "
+                + ", ".join(m for m, _, _ in kept)
+                + "."
+            )
+    if background in results.columns:
+        share = results.groupby("method", sort=False)[background].mean().dropna()
+        if len(share):
+            text = (
+                f"Least relevance outside the lungs: {share.idxmin()} ({share.min():.2f} of |R|; "
+                f"most: {share.idxmax()}, {share.max():.2f})"
+            )
+            if "background_share_chance" in results.columns:
+                blind = float(results["background_share_chance"].mean())
+                text += f"; a heatmap blind to the mask puts {blind:.2f} there"
+            sentences.append(text + ".")
+    if paired is not None and len(paired):
+        sentences.append(_paired_sentence(paired))
+    return " ".join(sentences)
+
+
+def _paired_sentence(paired: pd.DataFrame) -> str:
+    """The paired tests whose 95% CI excludes 0 in every seed (one clause per dataset and
+    comparison), and those that do so only in some seeds."""
+    clear, mixed = [], []
+    for (dataset, a, b), g in paired.groupby(["dataset", "isnet", "comparator"], sort=False):
+        above, below = (g["ci_low"] > 0), (g["ci_high"] < 0)
+        if above.all() or below.all():
+            word = "better" if above.all() else "worse"
+            if len(g) == 1:
+                r = g.iloc[0]
+                diff = f"{r['difference']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+            else:
+                diff = (
+                    f"in all {len(g)} seeds, differences {g['difference'].min():+.2f} to "
+                    f"{g['difference'].max():+.2f}"
+                )
+            clear.append(f"{a} {word} than {b} on {dataset} ({diff})")
+        elif (above | below).any():
+            mixed.append(f"{a} vs {b} on {dataset}")
+    text = (
+        "Paired tests whose 95% CI excludes 0"
+        + (" in every seed: " if paired.get("seed", pd.Series([0])).nunique() > 1 else ": ")
+        + ("; ".join(clear) if clear else "none")
+        + "."
+    )
+    if mixed:
+        text += " Excluding 0 in some seeds only (not a finding): " + "; ".join(mixed) + "."
+    return text
+
+
+def headline_metrics(results: pd.DataFrame, metric: str = "auroc_macro") -> dict[str, float]:
+    """The study's headline as flat MLflow metrics for the parent run:
+    ``<metric>.<method>.<dataset>`` with ``_lo``/``_hi`` (the bootstrap CI) for one seed; for
+    several, the mean over seeds with ``_sd``, ``_min``, ``_max``, and each seed's value and CI as
+    ``<metric>.<method>.<dataset>.seed<k>`` (``_lo``/``_hi``)."""
+    import re
+
+    def name(*parts: object) -> str:  # MLflow metric names: letters, digits, _ - . space : /
+        return ".".join(re.sub(r"[^\w\-. :/]", "_", str(p)) for p in parts)
+
+    summary = seed_summary(results, metric)
+    out: dict[str, float] = {}
+    for _, r in summary.iterrows():
+        base = name(metric, r["method"], r["dataset"])
+        out[base] = float(r["mean"])
+        if r["n_seeds"] <= 1:
+            out[f"{base}_lo"], out[f"{base}_hi"] = float(r["ci_low"]), float(r["ci_high"])
+        else:
+            out[f"{base}_sd"] = float(r["sd"])
+            out[f"{base}_min"], out[f"{base}_max"] = float(r["min"]), float(r["max"])
+    if n_seeds(results) > 1:
+        lo, hi = _ci_columns(results, metric)
+        for i, r in results.iterrows():
+            base = name(metric, r["method"], r["dataset"], f"seed{r['seed']}")
+            out[base] = float(r[metric])
+            out[f"{base}_lo"], out[f"{base}_hi"] = float(lo[i]), float(hi[i])
+    return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
+def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
+    """The paired tests as a narrow, readable table: dataset (kind), comparison, both AUROCs,
+    the difference with its 95% CI, p; the fold and seed columns only when they vary."""
+    rows = []
+    folds = "fold" in paired.columns and paired["fold"].nunique() > 1
+    seeds = "seed" in paired.columns and paired["seed"].nunique() > 1
+    for _, r in paired.iterrows():
+        row = {}
+        if folds:
+            row["fold"] = r["fold"]
+        row["dataset"] = f"{r['dataset']} ({r['kind']})" if "kind" in r else r["dataset"]
+        if seeds:
+            row["seed"] = r["seed"]
+        row["comparison"] = f"{r['isnet']} − {r['comparator']}"
+        row["AUROC"] = f"{r['auroc_isnet']:.2f} vs {r['auroc_comparator']:.2f}"
+        row["difference [95% CI]"] = (
+            f"{r['difference']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+        )
+        row["p"] = f"{r['p_value']:.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def markdown_table(table: pd.DataFrame, index_name: str = "method") -> str:
@@ -377,8 +676,10 @@ h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;
 border-bottom:1px solid #ddd;padding-bottom:.2rem}
 .meta{color:#666;font-size:.9rem}pre{background:#f6f6f6;padding:.6rem;overflow-x:auto;
 font-size:.85rem;white-space:pre-wrap}
-table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
-th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}thead th{background:#f0f0f0}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem;max-width:100%}
+th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:left;overflow-wrap:anywhere}
+thead th{background:#f0f0f0}.conclusion{background:#f4f8fb;border-left:4px solid #1f77b4;
+padding:.6rem .8rem}
 tbody th{background:#fafafa}figure{margin:1rem 0}img{max-width:100%;height:auto;
 border:1px solid #eee}figcaption{color:#555;font-size:.88rem}
 """
@@ -395,57 +696,95 @@ def write_report(
     extra_metrics: Sequence[str] = ("balanced_accuracy", "f1_macro", "ece"),
     background: str = "background_relevance",
     extra_tables: Mapping[str, pd.DataFrame] | None = None,
+    conclusion: str | None = None,
 ) -> tuple[Path, str]:
     """Write ``<out_dir>/report.html`` (self-contained) and return it with the Markdown table.
 
     Args:
-        results: one row per (method, dataset); see the module docstring.
+        results: one row per (method, dataset), or per (method, dataset, seed) with a ``seed``
+            column; see the module docstring.
         figures: caption -> image file to embed (e.g. ROC curves per external dataset made with
             :func:`plot_roc`, the heatmap grid).
         title: report title; command: the command that produced the results (shown verbatim).
         metric: the main table's metric; extra_metrics: further tables (those present).
         background: column with the share of relevance outside the lungs (table + bar plot
             when present).
-        extra_tables: heading -> a plain table shown as is (e.g. paired tests).
+        extra_tables: heading -> a plain table shown as is (e.g. :func:`paired_table`).
+        conclusion: the "what this study found" paragraph (default: :func:`study_conclusion`
+            of ``results``).
 
     Returns:
-        ``(html_path, markdown)`` where ``markdown`` is the main table, one row per method.
+        ``(html_path, markdown)`` where ``markdown`` is the main table, one row per method
+        (what its cells are: :func:`table_caption`).
     """
-    _check_results(results, [metric])
+    keys = ["method", "dataset", "kind"] + (["seed"] if "seed" in results.columns else [])
+    _check_columns(results, [metric])
+    dup = results.duplicated(keys)
+    if dup.any():
+        first = results.loc[dup, keys].iloc[0].tolist()
+        raise ValueError(
+            f"results frame has several rows for {keys} {first}; aggregate folds (and seeds, "
+            "or give a seed column) first, e.g. with summarise_runs, so there is one row each."
+        )
     out = Path(out_dir)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    main = metric_table(results, metric)
+    k = n_seeds(results)
+    averaged = summarise_runs(results) if "seed" in results.columns else results
+    main = summary_table(results, metric)
     md = markdown_table(main)
+    caption = table_caption(results, metric)
+    if conclusion is None:
+        conclusion = study_conclusion(results, metric=metric, background=background)
 
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='meta'>Generated {datetime.now().strftime('%Y-%m-%d %H:%M')}. "
-        f"{results['method'].nunique()} method(s), {results['dataset'].nunique()} dataset(s). "
-        "Values are point estimates with 95% confidence intervals from a bootstrap over "
-        "patients.</p>",
+        f"{results['method'].nunique()} method(s), {results['dataset'].nunique()} dataset(s), "
+        f"{k} training seed(s).</p>",
+        "<h2>What this study found</h2>",
+        f"<p class='conclusion'>{html.escape(conclusion)}</p>",
     ]
     if command:
         parts.append(f"<pre>{html.escape(command)}</pre>")
-    parts += [f"<h2>{html.escape(METRIC_LABELS.get(metric, metric))}</h2>", _html_table(main)]
-    vs = plot_internal_vs_external(results, fig_dir / "internal_vs_external.png", metric=metric)
-    parts.append(_img(vs, "Internal vs external performance per method"))
+    parts += [
+        f"<h2>{html.escape(METRIC_LABELS.get(metric, metric))}</h2>",
+        f"<p class='meta'>{html.escape(caption)}</p>",
+        _html_table(main),
+    ]
+    vs = plot_internal_vs_external(averaged, fig_dir / "internal_vs_external.png", metric=metric)
+    cap = "Internal vs external performance per method"
+    if k > 1:
+        cap += f" (mean over {k} seeds; error bars: the mean of the seeds' CIs, a typical run's)"
+    parts.append(_img(vs, cap))
+    if k > 1:
+        for seed in sorted(results["seed"].unique()):
+            one = results[results["seed"] == seed]
+            parts += [
+                f"<h3>{html.escape(METRIC_LABELS.get(metric, metric))}, seed {seed} "
+                "(95% CI from a bootstrap over patients)</h3>",
+                _html_table(metric_table(one, metric)),
+            ]
 
     for extra in extra_metrics:
         if extra in results.columns and extra != metric:
             parts += [
                 f"<h2>{html.escape(METRIC_LABELS.get(extra, extra))}</h2>",
-                _html_table(metric_table(results, extra)),
+                _html_table(summary_table(results, extra)),
             ]
     if background in results.columns:
         bg = results.dropna(subset=[background])
         if len(bg):
             parts += [
                 f"<h2>{html.escape(METRIC_LABELS['background_relevance'])}</h2>",
-                _html_table(metric_table(bg, background)),
+                _html_table(summary_table(bg, background)),
                 _img(
-                    plot_background_share(bg, fig_dir / "background_share.png", column=background),
-                    "Share of relevance outside the lungs per method",
+                    plot_background_share(
+                        averaged.dropna(subset=[background]),
+                        fig_dir / "background_share.png",
+                        column=background,
+                    ),
+                    "Share of |relevance| outside the lungs per method",
                 ),
             ]
     for heading, frame in (extra_tables or {}).items():
@@ -464,5 +803,8 @@ def write_report(
     )
     html_path = out / "report.html"
     html_path.write_text(doc, encoding="utf-8")
-    (out / "report.md").write_text(f"# {title}\n\n{md}\n", encoding="utf-8")
+    (out / "report.md").write_text(
+        f"# {title}\n\n## What this study found\n\n{conclusion}\n\n{caption}\n\n{md}\n",
+        encoding="utf-8",
+    )
     return html_path, md

@@ -58,22 +58,34 @@ def data_synth(
     _print_summary(manifest)
 
 
-def _print_summary(manifest: Path) -> None:
+def _print_summary(
+    manifest: Path, labels: list[str] | None = None, check_mask_sizes: bool = False
+) -> None:
     from cxr_io.manifest import load_manifest
 
-    df = load_manifest(manifest, check_mask_sizes=False)
+    df = load_manifest(manifest, labels=labels, check_mask_sizes=check_mask_sizes)
     typer.echo(f"manifest: {manifest}  ({len(df)} images)")
     table = df.groupby(["site", "label"]).size().unstack(fill_value=0)
     typer.echo(table.to_string())
 
 
 @data_app.command("check")
-def data_check(manifest: Path = typer.Argument(..., help="Manifest CSV to validate.")) -> None:
+def data_check(
+    manifest: Path = typer.Argument(..., help="Manifest CSV to validate."),
+    labels: str | None = typer.Option(
+        None,
+        help="Allowed class names, comma-separated (e.g. covid,normal,pneumonia); any other "
+        "label is reported with its row number.",
+    ),
+) -> None:
     """Validate a manifest: files, labels, duplicates, patient leakage, mask sizes."""
     from cxr_io.manifest import ManifestError
 
+    allowed = [s.strip() for s in labels.split(",") if s.strip()] if labels else None
+    if labels is not None and not allowed:
+        _fail("--labels needs at least one class name, e.g. --labels covid,normal,pneumonia")
     try:
-        _print_summary(manifest)
+        _print_summary(manifest, allowed, check_mask_sizes=True)
     except ManifestError as exc:
         _fail(str(exc))
     typer.secho("manifest OK", fg=typer.colors.GREEN)
@@ -112,14 +124,62 @@ def data_fetch_ct() -> None:
     typer.echo(str(fetch_ct(Settings.from_env())))
 
 
-def _parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of a ``--set``: VALUE is JSON (``3``, ``[0,1]``, ``{"lam": 10}``,
+    ``true``, ``"text"``) or, when it cannot be JSON, a plain word (``isnet``).
+
+    Raises:
+        ValueError: no ``=``, an empty key, or a VALUE that looks like JSON (starts with
+            ``[``, ``{``, ``"`` or a digit, or is ``true``/``false``/``null``) but does not parse,
+            e.g. ``[0,1`` (the message shows where).
+    """
     if "=" not in text:
-        _fail(f"--set expects KEY=VALUE (e.g. study_def#train#epochs=3), got {text!r}")
-    key, raw = text.split("=", 1)
+        raise ValueError(f"--set expects KEY=VALUE (e.g. study_def#train#epochs=3), got {text!r}")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if not key:
+        raise ValueError(f"--set {text!r}: the KEY before '=' is empty")
     try:
         return key, json.loads(raw)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as exc:
+        looks_json = raw[:1] in '[{"-' or raw[:1].isdigit() or raw in ("true", "false", "null")
+        if looks_json or not raw:
+            raise ValueError(
+                f"--set {text!r}: the value {raw!r} is not valid JSON ({exc.msg} at character "
+                f"{exc.pos + 1}); e.g. study_def#seeds=[0,1] or study_def#train#lr=0.001"
+            ) from None
         return key, raw
+
+
+def apply_overrides(parser, overrides: list[str]) -> None:
+    """Parse every ``--set`` first (all errors at once), then set them on the MONAI config
+    ``parser``; a KEY whose parent is not in the config is an error.
+
+    Raises:
+        ValueError: the problems, one per line.
+    """
+    parsed, problems = [], []
+    for text in overrides:
+        try:
+            parsed.append(parse_override(text))
+        except ValueError as exc:
+            problems.append(str(exc))
+    for key, _ in parsed:
+        parent = key.rsplit("#", 1)[0] if "#" in key else ""
+        if parent and parent not in parser:
+            problems.append(f"--set {key}=...: {parent!r} is not in the config")
+    if problems:
+        raise ValueError("\n".join(problems))
+    for key, value in parsed:
+        parser[key] = value
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause (MONAI wraps a config expression's error in a RuntimeError)."""
+    while exc.__cause__ is not None or (
+        exc.__context__ is not None and isinstance(exc, RuntimeError)
+    ):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def _run_study_config(config: Path, quick: bool, out: Path | None, overrides: list[str]) -> None:
@@ -128,6 +188,7 @@ def _run_study_config(config: Path, quick: bool, out: Path | None, overrides: li
     from cxr_io.manifest import ManifestError
     from cxr_io.readers import CXRReadError
     from pipeline.study import run_study
+    from pipeline.tracking import TrackingStoreError, ui_hint
 
     files = [config]
     if quick:
@@ -140,24 +201,31 @@ def _run_study_config(config: Path, quick: bool, out: Path | None, overrides: li
             _fail(f"study config not found: {f}")
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
-    for key, value in map(_parse_override, overrides):
-        parser[key] = value
+    try:
+        apply_overrides(parser, overrides)
+    except ValueError as exc:
+        _fail(str(exc))
     if out is not None:
         parser["output_dir"] = str(out)
-    try:
+    try:  # the whole config is checked here, before any data, mask or model work
         cfg = parser.get_parsed_content("study")
-    except (ValueError, TypeError) as exc:
-        _fail(f"{config}: {exc}")
-    out_dir = Path(parser.get_parsed_content("output_dir"))
+        out_dir = Path(parser.get_parsed_content("output_dir"))
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        _fail(f"{config}: {_root_cause(exc)}")
     command = "isnet-cxr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        result = run_study(cfg, out_dir, command=command, log=typer.echo)
+        result = run_study(cfg, out_dir, command=command, log=typer.echo, progress=True)
+    except TrackingStoreError as exc:
+        _fail(f"{exc}\nNothing was computed.")
     except (CXRReadError, ManifestError) as exc:
         _fail(
             f"{exc}\nThe study's MLflow runs are marked FAILED; models already trained are kept, "
             "so running the same command again resumes."
         )
     typer.echo("")
+    typer.echo(result.conclusion)
+    typer.echo("")
+    typer.echo(result.caption)
     typer.echo(result.markdown)
     if len(result.paired):
         cols = ["dataset", "comparator", "difference", "ci_low", "ci_high", "p_value"]
@@ -165,11 +233,7 @@ def _run_study_config(config: Path, quick: bool, out: Path | None, overrides: li
         typer.echo(result.paired[cols].to_string(index=False, float_format="%.3f"))
     typer.echo(f"\nreport: {result.report}")
     typer.echo(f"results: {result.out_dir / 'results.csv'}")
-    typer.echo(
-        "MLflow UI: "
-        f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {result.tracking_uri} "
-        "--port 5000   (then open http://127.0.0.1:5000)"
-    )
+    typer.echo(f"MLflow UI: {ui_hint(result.tracking_uri, result.experiment_id, result.run_id)}")
 
 
 @study_app.command("run")

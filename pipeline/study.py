@@ -17,12 +17,13 @@ A study (:class:`StudyConfig`, read from a JSON file in ``configs/``) runs:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,23 @@ from cxr_io.manifest import class_names, load_manifest, select, to_records
 from cxr_io.readers import surfaced_read_errors
 from cxr_io.resources import default_segmenter
 from evaluation.metrics import evaluate, paired_bootstrap
-from evaluation.report import plot_heatmap_grid, plot_roc, summarise_runs, write_report
+from evaluation.report import (
+    headline_metrics,
+    paired_table,
+    plot_heatmap_grid,
+    plot_roc,
+    study_conclusion,
+    summarise_runs,
+    table_caption,
+    write_report,
+)
 from pipeline.predictor import Predictor
-from pipeline.tracking import StudyTracker, TrainingRun
+from pipeline.tracking import (
+    StudyTracker,
+    TrainingRun,
+    check_tracking_store,
+    resolve_tracking_uri,
+)
 from segmentation.masks_step import write_masks
 from synthetic import (
     SiteConfig,
@@ -148,20 +163,9 @@ class StudyConfig:
     heatmap_examples: int = 4
 
     def __post_init__(self) -> None:
-        if self.masks not in ("manifest", "segmenter"):
-            raise ValueError(f"masks must be 'manifest' or 'segmenter', not {self.masks!r}")
-        if not self.methods:
-            raise ValueError("a study needs at least one method")
-        if not self.seeds:
-            raise ValueError("a study needs at least one seed")
-        labels = [m.display for m in self.methods]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"method labels must be unique, got {labels}")
-        if self.manifests and self.wants_no_markers:
-            raise ValueError(
-                "a method with train_data 'no_markers' needs the embedded synthetic data (the "
-                "generator re-renders the same patients without markers); drop it for manifests"
-            )
+        problems = _config_problems(self)
+        if problems:
+            raise ValueError("invalid study config:\n  - " + "\n  - ".join(problems))
 
     @property
     def wants_no_markers(self) -> bool:
@@ -170,25 +174,144 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> StudyConfig:
-        """Build from plain JSON values (lists, dicts); unknown keys are an error."""
+        """Build from plain JSON values (lists, dicts), checking every setting's type before
+        any work starts.
+
+        Raises:
+            ValueError: unknown keys or wrongly typed values, all listed at once (e.g.
+                ``seeds`` given as the text ``"[0,1"`` of a malformed ``--set``).
+        """
+        if not isinstance(raw, dict):
+            raise ValueError(f"a study config is a JSON object, got {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"unknown study setting(s) {unknown}; known: {sorted(known)}")
+        problems: list[str] = []
         kw = dict(raw)
+        for key in ("manifests", "train_sites", "external_sites", "seeds", "methods"):
+            if key in kw and not isinstance(kw[key], (list, tuple)):
+                problems.append(f"{key} must be a JSON list, got {kw[key]!r}")
+                kw.pop(key)
         for key in ("manifests", "train_sites", "external_sites", "seeds"):
             if key in kw:
                 kw[key] = tuple(kw[key])
         if "synthetic" in kw:
-            kw["synthetic"] = SyntheticSpec(**kw["synthetic"])
+            spec = kw.pop("synthetic")
+            try:
+                if not isinstance(spec, dict):
+                    raise TypeError(f"must be a JSON object, got {spec!r}")
+                kw["synthetic"] = SyntheticSpec(**spec)
+            except TypeError as exc:
+                problems.append(f"synthetic: {exc}")
         if "methods" in kw:
-            kw["methods"] = tuple(
-                MethodSpec(m) if isinstance(m, str) else MethodSpec(**m) for m in kw["methods"]
-            )
+            specs = []
+            for m in kw.pop("methods"):
+                try:
+                    specs.append(MethodSpec(m) if isinstance(m, str) else MethodSpec(**m))
+                except TypeError as exc:
+                    problems.append(f"methods: {m!r}: {exc}")
+            kw["methods"] = tuple(specs)
+        if problems:
+            raise ValueError("invalid study config:\n  - " + "\n  - ".join(problems))
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _config_problems(cfg: StudyConfig) -> list[str]:
+    """Every wrong setting of ``cfg`` (types, ranges, names), so a study stops before any work
+    with all of them listed instead of crashing minutes later on the first."""
+    from classification.methods import METHOD_NAMES
+
+    out: list[str] = []
+    if not isinstance(cfg.name, str) or not cfg.name.strip():
+        out.append(f"name must be a non-empty string, got {cfg.name!r}")
+    for key in ("manifests", "train_sites", "external_sites"):
+        bad = [v for v in getattr(cfg, key) if not isinstance(v, str) or not v]
+        if bad:
+            out.append(f"{key} must be a list of names/paths, got items {bad}")
+    if not cfg.seeds:
+        out.append("seeds: a study needs at least one seed")
+    elif not all(_is_int(s) for s in cfg.seeds):
+        out.append(f"seeds must be a list of integers, e.g. [0, 1], got {list(cfg.seeds)}")
+    elif len(set(cfg.seeds)) != len(cfg.seeds):
+        out.append(f"seeds must be distinct, got {list(cfg.seeds)}")
+    if not cfg.methods:
+        out.append("methods: a study needs at least one method")
+    for m in cfg.methods:
+        if m.name not in METHOD_NAMES:
+            out.append(f"method {m.name!r} is not one of {list(METHOD_NAMES)}")
+        if not isinstance(m.params, dict):
+            out.append(f"method {m.name!r}: params must be a JSON object, got {m.params!r}")
+    labels = [m.display for m in cfg.methods if isinstance(m.params, dict)]
+    if len(set(labels)) != len(labels):
+        out.append(f"method labels must be unique, got {labels}")
+    if cfg.manifests and cfg.wants_no_markers:
+        out.append(
+            "a method with train_data 'no_markers' needs the embedded synthetic data (the "
+            "generator re-renders the same patients without markers); drop it for manifests"
+        )
+    for key in ("leave_one_site_out", "bias_sets"):
+        if not isinstance(getattr(cfg, key), bool):
+            out.append(f"{key} must be true or false, got {getattr(cfg, key)!r}")
+    if cfg.masks not in ("manifest", "segmenter"):
+        out.append(f"masks must be 'manifest' or 'segmenter', not {cfg.masks!r}")
+    if not isinstance(cfg.segmenter, str):
+        out.append(f"segmenter must be a path (string), got {cfg.segmenter!r}")
+    if not _is_int(cfg.n_boot) or cfg.n_boot < 1:
+        out.append(f"n_boot must be a positive integer, got {cfg.n_boot!r}")
+    if not _is_int(cfg.heatmap_examples) or cfg.heatmap_examples < 0:
+        out.append(f"heatmap_examples must be an integer >= 0, got {cfg.heatmap_examples!r}")
+    s = cfg.synthetic
+    for key in ("n_per_site", "size", "bias_test_n"):
+        if not _is_int(getattr(s, key)) or getattr(s, key) < 1:
+            out.append(f"synthetic.{key} must be a positive integer, got {getattr(s, key)!r}")
+    if not _is_int(s.seed):
+        out.append(f"synthetic.seed must be an integer, got {s.seed!r}")
+    if isinstance(s.difficulty, bool) or not isinstance(s.difficulty, (int, float)):
+        out.append(f"synthetic.difficulty must be a number in [0, 1], got {s.difficulty!r}")
+    elif not 0 <= s.difficulty <= 1:
+        out.append(f"synthetic.difficulty must be in [0, 1], got {s.difficulty!r}")
+    out += _train_problems(cfg.train)
+    return out
+
+
+def _train_problems(train_cfg: Any) -> list[str]:
+    """Problems of the ``train`` block: unknown keys and values whose type differs from
+    :class:`~classification.train.TrainConfig`'s defaults (ints accepted for floats)."""
+    if not isinstance(train_cfg, dict):
+        return [f"train must be a JSON object, got {train_cfg!r}"]
+    defaults = {f.name: f for f in fields(TrainConfig)}
+    out = []
+    for key, value in train_cfg.items():
+        if key not in defaults:
+            out.append(f"train.{key} is not a training setting; known: {sorted(defaults)}")
+            continue
+        if key in ("method", "method_params", "seed"):
+            out.append(f"train.{key} is set per method/seed by the study (methods, seeds)")
+            continue
+        default = getattr(TrainConfig(), key)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = _is_int(value)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            kind = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+            want = kind.get(type(default), type(default).__name__)
+            out.append(f"train.{key} must be {want}, got {value!r}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            out.append(f"train.{key} must not be negative, got {value!r}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -234,6 +357,9 @@ class StudyResult:
     markdown: str
     tracking_uri: str
     run_id: str
+    conclusion: str = ""
+    caption: str = ""
+    experiment_id: str = ""
 
 
 # ------------------------------------------------------------------------------------- data
@@ -246,9 +372,12 @@ def _bias_kind(site: str) -> str | None:
     return None
 
 
-def prepare_data(cfg: StudyConfig, out_dir: Path, log: Callable[[str], None]) -> list[Path]:
+def prepare_data(
+    cfg: StudyConfig, out_dir: Path, log: Callable[[str], None], progress: bool = False
+) -> list[Path]:
     """The study's manifests: given ones, or the synthetic set generated (once) under
-    ``out_dir/data``; the same spec twice reuses the files."""
+    ``out_dir/data`` (a progress bar on stderr with ``progress``); the same spec twice reuses
+    the files."""
     if cfg.manifests:
         return [Path(m) for m in cfg.manifests]
 
@@ -276,7 +405,7 @@ def prepare_data(cfg: StudyConfig, out_dir: Path, log: Callable[[str], None]) ->
         size=spec.size,
         seed=spec.seed,
         difficulty=spec.difficulty,
-        progress=False,
+        progress=progress,
     )
     if cfg.bias_sets:
         base = next(s for s in sites if s.bias_correlation > 0)
@@ -288,7 +417,7 @@ def prepare_data(cfg: StudyConfig, out_dir: Path, log: Callable[[str], None]) ->
             size=spec.size,
             seed=spec.seed + 1,
             difficulty=spec.difficulty,
-            progress=False,
+            progress=progress,
         )
     if cfg.wants_no_markers:
         biased = [s for s in sites if s.bias_correlation > 0]
@@ -318,9 +447,14 @@ def synthetic_layout(spec: SyntheticSpec | None = None) -> dict[str, tuple[str, 
 
 
 def ensure_masks(
-    cfg: StudyConfig, manifests: Sequence[Path], out_dir: Path, log: Callable[[str], None]
+    cfg: StudyConfig,
+    manifests: Sequence[Path],
+    out_dir: Path,
+    log: Callable[[str], None],
+    progress: bool = False,
 ) -> list[Path]:
-    """Manifests whose every row has a lung mask (segmenting rows without one)."""
+    """Manifests whose every row has a lung mask (segmenting rows without one; a progress bar
+    on stderr with ``progress``)."""
     out = []
     for i, path in enumerate(manifests):
         df = load_manifest(path, check_mask_sizes=False)
@@ -337,9 +471,42 @@ def ensure_masks(
             log(f"masks: reusing {done}")
             out.append(done)
             continue
-        log(f"masks: segmenting {path} with {seg}")
-        out.append(write_masks(path, seg, target, overwrite=cfg.masks == "segmenter"))
+        n_todo = int(len(df) if cfg.masks == "segmenter" else (df["mask"] == "").sum())
+        log(f"masks: segmenting {n_todo} images of {path} with {seg}")
+        with _folder_progress(target / "masks", n_todo, "lung masks", enabled=progress):
+            out.append(write_masks(path, seg, target, overwrite=cfg.masks == "segmenter"))
     return out
+
+
+@contextlib.contextmanager
+def _folder_progress(folder: Path, total: int, desc: str, *, enabled: bool) -> Iterator[None]:
+    """A tqdm bar (stderr) counting the PNG files appearing in ``folder`` while the block runs
+    (the mask writer has no progress hook of its own)."""
+    if not enabled or total <= 0:
+        yield
+        return
+    import threading
+
+    from tqdm.auto import tqdm
+
+    before = len(list(folder.glob("*.png"))) if folder.is_dir() else 0
+    stop = threading.Event()
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+
+    def poll() -> None:
+        while not stop.wait(0.5):
+            done = len(list(folder.glob("*.png"))) - before if folder.is_dir() else 0
+            bar.update(max(0, min(done, total) - bar.n))
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+        bar.update(total - bar.n)
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
 
 
 def plan_folds(cfg: StudyConfig, df: pd.DataFrame) -> list[Fold]:
@@ -397,10 +564,14 @@ def run_study(
     *,
     command: str | None = None,
     log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> StudyResult:
     """Run the whole study (see the module docstring); returns the results and where they are.
 
+    The tracking store is checked first (before any data, mask or training work).
+
     Raises:
+        pipeline.tracking.TrackingStoreError: the MLflow store cannot be used; nothing was done.
         Exception: whatever stopped it; the MLflow runs it opened are marked FAILED and the
             models already trained are kept, so running it again resumes.
     """
@@ -412,7 +583,11 @@ def run_study(
     log = _timestamped(log, t0)
     if not (cfg.manifests or cfg.train_sites or cfg.external_sites or cfg.leave_one_site_out):
         cfg = replace(cfg, **synthetic_layout(cfg.synthetic))
-    manifests = ensure_masks(cfg, prepare_data(cfg, out, log), out, log)
+    uri = resolve_tracking_uri(out / "mlflow")
+    check_tracking_store(uri)
+    log(f"tracking: {uri}")
+    data = prepare_data(cfg, out, log, progress=progress)
+    manifests = ensure_masks(cfg, data, out, log, progress=progress)
     df = pd.concat([load_manifest(m) for m in manifests], ignore_index=True)
     classes = class_names(df)
     folds = plan_folds(cfg, df)
@@ -422,7 +597,7 @@ def run_study(
     examples: dict[str, list] = {}
 
     with (
-        StudyTracker(cfg.name, cfg.to_dict(), default_dir=out / "mlflow") as tracker,
+        StudyTracker(cfg.name, cfg.to_dict(), tracking_uri=uri) as tracker,
         surfaced_read_errors(),
     ):
         for fold in folds:
@@ -455,11 +630,11 @@ def run_study(
                             step = int(row["epoch"])
                             tr.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step)
                         model, card = load_model(run_dir / "best_model.pt")
-                        model_id = tr.log_model(model)
+                        model_id = tr.log_pyfunc_model(run_dir, name=spec.display)
                         tr.log_model_folder(run_dir)
                         predictor = Predictor(model, card)  # masks come from the manifest
                         for ev in fold.evals:
-                            keep = cfg.heatmap_examples if ev.kind == "external" else 0
+                            keep = cfg.heatmap_examples
                             pred, metrics = _evaluate_on(
                                 tracker, tr, model_id, predictor, ev, classes, tcfg, cfg, keep
                             )
@@ -481,13 +656,23 @@ def run_study(
                             log(_summary_line(spec.display, ev.name, metrics))
         results = pd.DataFrame(rows)
         paired = _paired_tests(cfg, folds, probs_by, classes)
-        report, markdown = _write_evidence(
+        report, markdown, conclusion, caption = _write_evidence(
             cfg, out, results, paired, probs_by, examples, classes, folds, command, tracker
         )
-        run_id = tracker.run_id
-        tracker_uri = tracker.uri
+        run_id, experiment_id = tracker.run_id, tracker.experiment_id
         log(f"study finished in {time.perf_counter() - t0:.0f} s")
-    return StudyResult(out, results, paired, report, markdown, tracker_uri, run_id)
+    return StudyResult(
+        out,
+        results,
+        paired,
+        report,
+        markdown,
+        uri,
+        run_id,
+        conclusion=conclusion,
+        caption=caption,
+        experiment_id=experiment_id or "",
+    )
 
 
 def _evaluate_on(
@@ -510,12 +695,30 @@ def _evaluate_on(
         pred.probs, pred.labels, _groups(ev.frame), classes, n_boot=cfg.n_boot, seed=tcfg.seed
     )
     metrics = {"n_images": float(result.n_images), **result.as_dict()}
-    for name, values in pred.relevance.items():
-        metrics[name] = float(np.nanmean(values))
+    metrics.update(relevance_summary(pred.relevance))
     with tracker.evaluation_run(training_run.run_id, model_id, ev.name, ev.kind, ev.frame) as er:
         er.log_metrics(metrics)
         er.log_predictions(pred.probs, pred.labels, classes)
+        if pred.examples:
+            er.log_heatmaps(pred.examples)
     return pred, metrics
+
+
+def relevance_summary(relevance: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean per-image relevance metrics, named for what they are: ``background_share`` (share
+    of |R| outside the lungs) beside ``background_share_chance`` (its value for a heatmap blind
+    to the mask: 1 - lung-area fraction), and ``lung_fraction`` (the chance level of
+    ``mass_accuracy`` and ``rank_accuracy``), instead of one ``chance`` that fits only the
+    latter two."""
+    out: dict[str, float] = {}
+    for name, values in relevance.items():
+        value = float(np.nanmean(values)) if len(values) else float("nan")
+        if name == "chance":
+            out["lung_fraction"] = value
+            out["background_share_chance"] = 1.0 - value
+        else:
+            out[name] = value
+    return out
 
 
 @dataclass
@@ -679,9 +882,13 @@ def _write_evidence(
     folds: Sequence[Fold],
     command: str,
     tracker: StudyTracker,
-) -> tuple[Path, str]:
+) -> tuple[Path, str, str, str]:
     """results.csv, paired_tests.csv, ROC figures, heatmap grids and report.html, all logged to
-    the study run."""
+    the study run, with the headline as the run's metrics and the conclusion as its description.
+
+    Returns:
+        ``(report.html, Markdown main table, conclusion paragraph, what the table's cells are)``.
+    """
 
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -700,26 +907,41 @@ def _write_evidence(
                 by_method, labels, list(classes), path, title=f"{ev.name} ({ev.kind})"
             )
     for key, per_method in examples.items():
+        if key.endswith("/internal-test"):
+            continue  # every evaluation run has its own grid; the report shows the test sets
         path = fig_dir / f"heatmaps_{key.replace('/', '_')}.png"
         figures[f"LRP heatmaps on {key} (image, lung mask, each method)"] = plot_heatmap_grid(
-            per_method, path
+            per_method, path, title=f"{key}: where each model looks"
         )
-    # one row per (method, dataset, kind): seeds (and folds, for the shared dataset names)
-    # averaged; each fold's external site is a dataset of its own
+    # one row per (method, dataset, kind, seed): folds averaged for the shared dataset names
+    # (each fold's external site is a dataset of its own); seeds stay apart, so the report
+    # shows each seed's CIs and the spread over seeds
+    by_seed = summarise_runs(results, by=("method", "dataset", "kind", "seed"))
+    conclusion = study_conclusion(by_seed, paired, background="background_share")
+    caption = table_caption(by_seed)
     html, markdown = write_report(
-        summarise_runs(results),
+        by_seed,
         out,
         figures=figures,
         title=f"Study {cfg.name}",
         command=command,
         background="background_share",
-        extra_tables={"Paired bootstrap: ISNet minus comparator (macro AUROC)": paired}
+        extra_tables={
+            "Paired bootstrap: ISNet minus comparator (macro AUROC, same patient resamples)": (
+                paired_table(paired)
+            )
+        }
         if len(paired)
         else None,
+        conclusion=conclusion,
     )
     results.to_csv(out / "results.csv", index=False)
     paired.to_csv(out / "paired_tests.csv", index=False)
     study_run = tracker.study_run()
     for path in (html, out / "results.csv", out / "paired_tests.csv", *figures.values()):
         study_run.log_artifact(path)
-    return html, markdown
+    study_run.log_metrics(headline_metrics(by_seed))
+    study_run.set_tags(
+        {"mlflow.note.content": f"{conclusion}\n\n{caption}\n\n{markdown}\n\n{command}"}
+    )
+    return html, markdown, conclusion, caption

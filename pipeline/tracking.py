@@ -37,13 +37,14 @@ import tempfile
 import threading
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from cxr_io.privacy import (
     assert_no_identifiers,
@@ -52,7 +53,7 @@ from cxr_io.privacy import (
 )
 from cxr_io.settings import Settings
 from evaluation.metrics import metric_safe_names
-from evaluation.report import plot_confusion, plot_roc
+from evaluation.report import plot_confusion, plot_heatmap_grid, plot_roc
 from pipeline.predictor import WEIGHT_NAMES
 
 _log = logging.getLogger(__name__)
@@ -200,6 +201,55 @@ def _scoped_tracking_uri(uri: str) -> Iterator[None]:
         yield
 
 
+def log_dataset(
+    client: Any,
+    run_id: str,
+    df: pd.DataFrame,
+    name: str,
+    context: str,
+    *,
+    secret: bytes,
+    forbidden: Iterable[str] = (),
+) -> Any:
+    """Log the pseudonymous view of manifest frame ``df`` (:func:`pseudonymous_frame`: no patient
+    ids, no paths) as an input of ``run_id`` with ``mlflow.data.context`` = ``context``.
+
+    Returns:
+        The MLflow dataset (its ``name`` and ``digest`` tie metrics to it).
+
+    Raises:
+        PrivacyError: something to be logged holds a patient identifier.
+    """
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    known = set(forbidden) | identifiers_of(df)
+    safe = pseudonymous_frame(df, secret)
+    assert_no_identifiers(safe, known)
+    with warnings.catch_warnings():  # the schema hint about integer columns is noise here
+        warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+        ds = mlflow.data.from_pandas(safe, name=name, targets="label")
+        entity = ds._to_mlflow_entity()
+    assert_no_identifiers([entity.source, entity.schema, entity.profile], known)
+    tags = [InputTag(key="mlflow.data.context", value=context)]
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=tags)])
+    return ds
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the block only."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def load_model(tracking_uri: str, model_id: str) -> Any:
     """Load a logged torch model (``models:/<model_id>``) from the given store.
 
@@ -264,25 +314,80 @@ class RunHandle:
 
     def log_dataset(self, df: pd.DataFrame, name: str, context: str) -> Any:
         """Log the pseudonymous view of ``df`` as a run input; returns the MLflow dataset."""
-        import mlflow.data
-        from mlflow.entities import DatasetInput, InputTag
-
-        safe = pseudonymous_frame(df, self.tracker.secret)
-        self.tracker.check_private(safe, extra=identifiers_of(df))
-        with warnings.catch_warnings():  # the schema hint about integer columns is noise here
-            warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
-            ds = mlflow.data.from_pandas(safe, name=name, targets="label")
-            entity = ds._to_mlflow_entity()
-        self.tracker.check_private(
-            [entity.source, entity.schema, entity.profile], identifiers_of(df)
+        return log_dataset(
+            self.client,
+            self.run_id,
+            df,
+            name,
+            context,
+            secret=self.tracker.secret,
+            forbidden=self.tracker.forbidden,
         )
-        tags = [InputTag(key="mlflow.data.context", value=context)]
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=tags)])
-        return ds
 
 
 class TrainingRun(RunHandle):
     """A training run: per-epoch metrics, the training dataset and the model."""
+
+    def log_pyfunc_model(
+        self, folder: str | os.PathLike, *, name: str, register: bool = True
+    ) -> str:
+        """Log a training folder (weights + ``model.json``) as an MLflow 3 logged model of this
+        run, named ``name`` (the method), in the pyfunc flavour (:class:`CXRClassifierModel`),
+        with a signature, an input example, the class names and the model card as metadata,
+        and the project as a pip requirement; registered as a new version of
+        :func:`registered_name` when ``register``. Returns its ``model_id``.
+        """
+        import mlflow.pyfunc
+        from mlflow.models import ModelSignature, infer_signature
+        from mlflow.types import Schema, TensorSpec
+
+        from classification.model_card import read_model_card
+
+        folder = Path(folder)
+        weights = next((folder / w for w in WEIGHT_NAMES if (folder / w).is_file()), None)
+        if weights is None:
+            raise FileNotFoundError(f"{folder}: no model weights ({', '.join(WEIGHT_NAMES)})")
+        card = read_model_card(weights)
+        example = np.full((1, 1, card.size, card.size), 0.5, dtype=np.float32)
+        wrapper = CXRClassifierModel()
+        wrapper.load_context(type("Ctx", (), {"artifacts": {MODEL_ARTIFACT: str(folder)}})())
+        # any image size is accepted (the Predictor resizes to the card's size)
+        signature = infer_signature(example, wrapper.predict(None, example))
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))]),
+            outputs=signature.outputs,
+        )
+        logged = self.client.create_logged_model(
+            experiment_id=self.tracker.experiment_id,
+            name=name,
+            source_run_id=self.run_id,
+            tags={**self.model_tags, "mlflow.user": _user(), "classes": ",".join(card.classes)},
+        )
+        with tempfile.TemporaryDirectory() as tmp:  # only the artifact's files travel
+            art = Path(tmp) / MODEL_ARTIFACT
+            art.mkdir()
+            for f in (weights, folder / "model.json"):
+                (art / f.name).write_bytes(f.read_bytes())
+            with (
+                _scoped_tracking_uri(self.tracker.uri),
+                warnings.catch_warnings(),
+                _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),  # no bar per model
+            ):
+                warnings.simplefilter("ignore")
+                mlflow.pyfunc.log_model(
+                    name=name,
+                    python_model=wrapper.__class__(),
+                    artifacts={MODEL_ARTIFACT: str(art)},
+                    signature=signature,
+                    input_example=example,
+                    pip_requirements=project_requirements(),
+                    metadata={"classes": list(card.classes), "model_card": card.to_dict()},
+                    model_id=logged.model_id,
+                    registered_model_name=registered_name(name) if register else None,
+                )
+        self.model_id = logged.model_id
+        self.client.set_tag(self.run_id, "train.model_id", logged.model_id)
+        return logged.model_id
 
     def __init__(self, tracker: StudyTracker, run_id: str, model_tags: Mapping[str, str]):
         super().__init__(tracker, run_id)
@@ -336,6 +441,62 @@ class TrainingRun(RunHandle):
         self.model_id = logged.model_id
         self.client.set_tag(self.run_id, "train.model_id", logged.model_id)
         return logged.model_id
+
+
+# MLflow warns at class creation about predict()'s missing type hints; the signature given at
+# logging time validates the input instead
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+
+    class CXRClassifierModel(PythonModel):
+        """A model artifact (weights + ``model.json``) as an MLflow pyfunc model: the same
+        :class:`~pipeline.predictor.Predictor` path as every other door (lung masks from the
+        packaged U-Net where the method needs them).
+
+        Input: radiographs in [0, 1], an array ``[N, 1, H, W]`` or ``[N, H, W]`` (float32; any
+        ``H, W``: they are resized to the card's size). Output: a DataFrame with one
+        ``prob_<class>`` column per class (the card's output order) and ``label``.
+        Needs only the installed ``isnet-cxr`` package to load (``mlflow.pyfunc.load_model``).
+        """
+
+        def load_context(self, context: Any) -> None:
+            from pipeline.predictor import Predictor
+
+            self.predictor = Predictor.load(context.artifacts[MODEL_ARTIFACT])
+
+        def predict(self, context, model_input, params=None):  # noqa: ANN001
+            if isinstance(model_input, dict):  # a named-tensor input
+                model_input = next(iter(model_input.values()))
+            x = np.asarray(model_input, dtype=np.float32)
+            if x.ndim == 3:
+                x = x[:, None]
+            if x.ndim != 4 or x.shape[1] != 1:
+                raise ValueError(f"expected images [N, 1, H, W] or [N, H, W], got {x.shape}")
+            preds = self.predictor.predict([self.predictor.read(im) for im in x], heatmaps=False)
+            classes = list(self.predictor.classes)
+            frame = pd.DataFrame(
+                np.stack([p.probs for p in preds]).astype(np.float64),
+                columns=[f"prob_{c}" for c in metric_safe_names(classes)],
+            )
+            frame["label"] = [p.label for p in preds]
+            return frame
+
+
+def project_requirements() -> list[str]:
+    """pip requirements of a logged model: this project (it holds the model code) and the
+    torch it was trained with."""
+    import torch
+
+    from classification.model_card import package_version
+
+    version = package_version()
+    project = f"isnet-cxr=={version}" if version and version != "unknown" else "isnet-cxr"
+    return [project, f"torch=={torch.__version__.split('+')[0]}"]
+
+
+def registered_name(method: str) -> str:
+    """The Model Registry name of a method's models (one registered model per method)."""
+    return f"isnet-cxr-{method}"
 
 
 class EvaluationRun(RunHandle):
@@ -397,6 +558,17 @@ class EvaluationRun(RunHandle):
             self.client.log_artifact(self.run_id, str(cm.rename(cm.with_name("confusion.png"))))
             self.client.log_artifact(self.run_id, str(roc))
         return table
+
+    def log_heatmaps(self, examples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """Upload ``heatmaps.png``: image, lung mask and this model's |LRP| heatmap for each
+        example ``(image [S, S], mask [S, S], heatmap [S, S])`` (:func:`plot_heatmap_grid`)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = plot_heatmap_grid(
+                [(self.method, list(examples))],
+                Path(tmp) / "heatmaps.png",
+                title=f"{self.method} on {self.dataset.name}",
+            )
+            self.client.log_artifact(self.run_id, str(path))
 
 
 class StudyTracker:
@@ -657,6 +829,8 @@ class StudyTracker:
         }
         run_name = f"eval-{method}-seed{seed}-{dataset_name}" if seed else f"eval-{dataset_name}"
         self.forbidden |= identifiers_of(df)
+        if "split" in df.columns:  # every row of an evaluation set is a test row here
+            df = df.assign(split="test")
         run_id = self._new_run(run_name, train_run_id or study, tags)
         with self._managed(run_id):
             tmp = RunHandle(self, run_id)
@@ -668,3 +842,245 @@ class StudyTracker:
             yield EvaluationRun(
                 self, run_id, model_id=model_id, dataset=ds, frame=df, method=method
             )
+
+
+# ---------------------------------------------------------------------------------- the store
+
+
+class TrackingStoreError(RuntimeError):
+    """The MLflow tracking store cannot be used (the message says why and what to do)."""
+
+
+def _http_probe(uri: str, timeout: float) -> None:
+    """GET one experiment from an MLflow server; raise :class:`TrackingStoreError` with a plain
+    reason (no server, refused, not MLflow) instead of MLflow's retried raw exception."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(url)
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {token}")
+    elif user := os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pw = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+        basic = base64.b64encode(f"{user}:{pw}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        body = err.read()[:300].decode(errors="replace").strip()
+        hint = {
+            401: "it asks for credentials: set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN)",
+            403: "it refuses this client. MLflow servers (3.17 here) answer 403 to a Host "
+            "header they were not told to accept: start the server with --allowed-hosts naming "
+            "the host this URI uses (README, 'A shared MLflow server'), or check its auth rules",
+            404: "there is no MLflow tracking API at this address (wrong port or path?)",
+        }.get(err.code, "the server answered with an error")
+        raise TrackingStoreError(
+            f"MLflow tracking server {uri} answered HTTP {err.code}: {hint}. Server said: {body!r}"
+        ) from None
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingStoreError(
+            f"no MLflow tracking server answers at {uri} ({reason}). Start one "
+            "(`mlflow server ...`), fix MLFLOW_TRACKING_URI, or unset it to log to a local "
+            "SQLite store"
+        ) from None
+    except json.JSONDecodeError:
+        raise TrackingStoreError(
+            f"{uri} answered, but not as an MLflow tracking server (no JSON); check the URI"
+        ) from None
+
+
+def check_tracking_store(uri: str, *, timeout: float = 10.0) -> None:
+    """Make sure the tracking store at ``uri`` can be written to, before any heavy work.
+
+    A ``http(s)://`` server is asked for one experiment (``timeout`` seconds, no retries); a
+    ``sqlite:///`` store is opened (created and migrated when new) in a folder that must be
+    writable; other stores are opened through MLflow.
+
+    Raises:
+        TrackingStoreError: the store cannot be used; the message says why and what to do.
+    """
+    if uri.startswith(("http://", "https://")):
+        _http_probe(uri, timeout)
+        return
+    db = sqlite_path(uri)
+    if db is not None:
+        folder = db.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingStoreError(
+                f"cannot create the MLflow store folder {folder}: {err}"
+            ) from None
+        if not os.access(folder, os.W_OK):
+            raise TrackingStoreError(f"the MLflow store folder {folder} is not writable")
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:
+        raise TrackingStoreError(f"cannot open the MLflow tracking store {uri}: {err}") from err
+
+
+def ui_hint(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """How to look at the runs of ``uri``: a server is its own UI (open its address, deep-linked
+    to the run when given); a SQLite store needs ``mlflow ui`` started on it."""
+    if uri.startswith(("http://", "https://")):
+        link = uri.rstrip("/")
+        if experiment_id:
+            link += f"/#/experiments/{experiment_id}"
+            if run_id:
+                link += f"/runs/{run_id}"
+        return f"open {link} in a browser (the tracking server serves the UI)"
+    mlflow_exe = Path(sys.executable).parent / "mlflow"
+    exe = str(mlflow_exe) if mlflow_exe.is_file() else "mlflow"
+    return (
+        f"{exe} ui --backend-store-uri {uri} --port 5000   "
+        "(then open http://127.0.0.1:5000; add --host 0.0.0.0 --allowed-hosts <name> to let "
+        "other machines in)"
+    )
+
+
+# ---------------------------------------------------------------------------------- bundles
+
+
+def _is_rank0() -> bool:
+    try:
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    except ImportError:  # pragma: no cover
+        return True
+
+
+class BundleRunLogger:
+    """Ignite handler for training bundles run with ``--tracking mlflow``: when training
+    completes, add to the MLflow run that MONAI's ``MLFlowHandler`` opened under ``run_name``
+    the bundle's resolved settings as params, the model artifact (``model_files`` under
+    ``model_artifact/``) and the training dataset (the pseudonymous view of ``records``, context
+    ``"training"``). Does nothing when tracking is off (no such run), and only on rank 0.
+
+    Args:
+        tracking_uri, run_name: where MONAI's handler logs (the bundle's ids of those names).
+        params: resolved settings (nested dicts are flattened to ``a.b`` names).
+        model_files: files of the model artifact, as paths (names kept) or as a mapping
+            ``{name in the artifact: path}`` (e.g. ``{"model.pt": ".../best_model.pt",
+            "model.json": ...}``, the model-zoo name); missing ones are skipped.
+        records: the training data dicts (``image``, ``label``, ``site``, ``patient_id``, ...)
+            or a manifest CSV path.
+        dataset_name: the MLflow dataset name.
+        splits, sites: keep only these rows of a manifest given as ``records`` (None: all).
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        run_name: str | None,
+        params: Mapping[str, Any] | None = None,
+        model_files: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike] = (),
+        records: Sequence[Mapping[str, Any]] | str | os.PathLike | None = None,
+        dataset_name: str = "training",
+        settings: Settings | None = None,
+        splits: Sequence[str] | None = None,
+        sites: Sequence[str] | None = None,
+    ) -> None:
+        self.tracking_uri, self.run_name = tracking_uri, run_name
+        self.params = dict(params or {})
+        if isinstance(model_files, Mapping):
+            self.model_files = {str(k): Path(v) for k, v in model_files.items()}
+        else:
+            self.model_files = {Path(f).name: Path(f) for f in model_files}
+        self.records = records
+        self.dataset_name = dataset_name
+        self.settings = settings
+        self.splits, self.sites = splits, sites
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _frame(self) -> pd.DataFrame | None:
+        if self.records is None:
+            return None
+        if isinstance(self.records, (str, os.PathLike)):
+            frame = pd.read_csv(self.records, dtype=str, keep_default_na=False)
+            if self.splits is not None and "split" in frame:
+                frame = frame[frame["split"].isin(list(self.splits))]
+            if self.sites is not None and "site" in frame:
+                frame = frame[frame["site"].isin(list(self.sites))]
+            return frame
+        frame = pd.DataFrame([dict(r) for r in self.records])
+        if frame.empty:
+            return None
+        if "label_name" in frame:  # to_records: label is the class index, label_name its name
+            frame["label"] = frame["label_name"]
+        keep = [c for c in frame.columns if frame[c].map(pd.api.types.is_scalar).all()]
+        return frame[keep]
+
+    def find_run(self) -> str | None:
+        """The id of the newest run named ``run_name`` (None when tracking is off)."""
+        if not self.run_name or not self.tracking_uri:
+            return None
+        db = sqlite_path(self.tracking_uri)
+        if db is not None and not db.is_file():
+            return None
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        name = self.run_name.replace("'", "")
+        for exp in client.search_experiments():
+            runs = client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"attributes.run_name = '{name}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if runs:
+                return runs[0].info.run_id
+        return None
+
+    def __call__(self, engine: Any = None) -> str | None:
+        """Log to the run; returns its id (None when there is none)."""
+        if not _is_rank0():
+            return None
+        run_id = self.find_run()
+        if run_id is None:
+            return None
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        client = MlflowClient(self.tracking_uri)
+        frame = self._frame()
+        forbidden = identifiers_of(frame)
+        existing = set(client.get_run(run_id).data.params)
+        flat = {k: v for k, v in flatten_params(self.params).items() if k not in existing}
+        assert_no_identifiers(flat, forbidden)
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), _BATCH):
+            client.log_batch(run_id, params=items[i : i + _BATCH], synchronous=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, f in self.model_files.items():
+                if not f.is_file():
+                    continue
+                if f.name != name:  # upload under its artifact name
+                    f = Path(tmp) / name
+                    f.write_bytes(self.model_files[name].read_bytes())
+                client.log_artifact(run_id, str(f), MODEL_ARTIFACT)
+        if frame is not None:
+            secret = (self.settings or Settings.from_env()).pseudonym_secret()
+            log_dataset(
+                client,
+                run_id,
+                frame,
+                self.dataset_name,
+                "training",
+                secret=secret,
+                forbidden=forbidden,
+            )
+        return run_id

@@ -4,10 +4,14 @@ Usage (any Python with ``pip install playwright``; Chromium from ``apt-get insta
 chromium-headless-shell`` or ``chromium``; the project's venv provides ``mlflow``)::
 
     python scripts/mlflow_screenshot.py STORE_URI EXPERIMENT OUT_PREFIX [--mlflow .venv/bin/mlflow]
+        [--report outputs/study/report.html]
 
 Starts ``mlflow ui`` on a free localhost port, opens the experiment in the "Model training" view,
 expands the run tree and writes ``OUT_PREFIX_runs.png``; then the first evaluation run's page
-(``OUT_PREFIX_eval_run.png``) and the experiment's logged models (``OUT_PREFIX_models.png``).
+(``OUT_PREFIX_eval_run.png``), the experiment's logged models (``OUT_PREFIX_models.png``) and
+the newest study (parent) run's page: its description (the conclusion) and its headline metrics,
+which method is best on the external site (``OUT_PREFIX_study_run.png``). With ``--report``, also
+the top of the report with its conclusion (``OUT_PREFIX_report.png``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
@@ -55,6 +60,7 @@ def main() -> None:
     ap.add_argument("experiment")
     ap.add_argument("prefix")
     ap.add_argument("--mlflow", default=".venv/bin/mlflow")
+    ap.add_argument("--report", default=None, help="report.html to screenshot (its top)")
     args = ap.parse_args()
 
     port = _free_port()
@@ -83,6 +89,12 @@ def main() -> None:
         eval_run = next(
             r for r in runs if any(t["key"] == "eval.dataset" for t in r["data"].get("tags", []))
         )
+        parents = [
+            r
+            for r in runs
+            if not any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))
+        ]
+        study_run = max(parents, key=lambda r: int(r["info"]["start_time"]))
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
                 executable_path=_browser(),
@@ -116,8 +128,16 @@ def main() -> None:
             page.goto(f"{base}/#/experiments/{exp_id}/models")
             page.wait_for_timeout(4000)
             page.screenshot(path=f"{args.prefix}_models.png")
+            page.goto(f"{base}/#/experiments/{exp_id}/runs/{study_run['info']['run_id']}")
+            page.wait_for_timeout(4000)
+            page.screenshot(path=f"{args.prefix}_study_run.png", full_page=True)
+            if args.report:
+                report = browser.new_page(viewport={"width": 1150, "height": 1100})
+                report.goto(Path(args.report).resolve().as_uri())
+                report.wait_for_timeout(1500)
+                report.screenshot(path=f"{args.prefix}_report.png")
             browser.close()
-        print(f"wrote {args.prefix}_runs.png, _eval_run.png and _models.png")
+        print(f"wrote {args.prefix}_runs.png, _eval_run.png, _models.png, _study_run.png")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)

@@ -142,7 +142,7 @@ def test_plots_write_pngs_and_bad_frames_are_refused(tmp_path):
     by_method, labels = preds["siteC"]
     roc = plot_roc(by_method, labels, CLASSES, tmp_path / "roc.png", title="siteC")
     assert roc.stat().st_size > 10_000
-    with pytest.raises(ValueError, match="aggregate seeds"):
+    with pytest.raises(ValueError, match="aggregate folds"):
         write_report(pd.concat([results, results.iloc[:1]]), tmp_path / "r")
     # several seeds -> one row per (method, dataset, kind), averaged, with the run count
     seeds = pd.concat([results.assign(seed=0), results.assign(seed=1, auroc_macro=0.5)])
@@ -157,3 +157,130 @@ def test_plots_write_pngs_and_bad_frames_are_refused(tmp_path):
         write_report(results.drop(columns="kind"), tmp_path / "r")
     with pytest.raises(FileNotFoundError, match="heatmaps"):
         write_report(results, tmp_path / "r", figures={"heatmaps": tmp_path / "missing.png"})
+
+
+# ----------------------------------------------------------------------------- issue 10
+
+
+def _bias_results(seeds=(0,)) -> pd.DataFrame:
+    """Two methods on the five kinds of set: ``standard`` takes the shortcut (good on biased,
+    bad on confounding), ``isnet`` is the same everywhere; per seed, with bootstrap CIs."""
+    rows = []
+    values = {
+        "standard": {
+            "internal": 0.97,
+            "biased": 0.99,
+            "unbiased": 0.89,
+            "confounding": 0.65,
+            "external": 0.85,
+        },
+        "isnet": {
+            "internal": 0.82,
+            "biased": 0.82,
+            "unbiased": 0.82,
+            "confounding": 0.82,
+            "external": 0.83,
+        },
+    }
+    for seed in seeds:
+        for method, by_kind in values.items():
+            for kind, v in by_kind.items():
+                v = v + 0.01 * seed
+                rows.append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "kind": kind,
+                        "dataset": "internal-test" if kind == "internal" else f"site-{kind}",
+                        "auroc_macro": v,
+                        "auroc_macro_ci_low": v - 0.03,
+                        "auroc_macro_ci_high": min(v + 0.03, 1.0),
+                        "background_share": 0.7 if method == "standard" else 0.06,
+                        "background_share_chance": 0.8,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_report_says_in_plain_words_what_the_study_found(tmp_path):
+    from evaluation.report import paired_table, study_conclusion
+
+    results = _bias_results()
+    paired = pd.DataFrame(
+        [
+            {
+                "fold": "main",
+                "dataset": "site-confounding",
+                "kind": "confounding",
+                "seed": 0,
+                "isnet": "isnet",
+                "comparator": "standard",
+                "auroc_isnet": 0.82,
+                "auroc_comparator": 0.65,
+                "difference": 0.17,
+                "ci_low": 0.13,
+                "ci_high": 0.20,
+                "p_value": 0.002,
+            }
+        ]
+    )
+    text = study_conclusion(results, paired)
+    assert "On site-external (external) the best is standard, 0.85 [0.82, 0.88]" in text
+    assert "On site-confounding (confounding) the best is isnet, 0.82 [0.79, 0.85]" in text
+    assert "took the shortcut" in text and "standard 0.99 on biased vs 0.65 on confounding" in text
+    assert "Least relevance outside the lungs: isnet (0.06" in text
+    assert "isnet better than standard on site-confounding (+0.17 [+0.13, +0.20])" in text
+    table = paired_table(paired)
+    # readable: no fold/seed columns when they do not vary, the CI in one cell
+    assert list(table.columns) == ["dataset", "comparison", "AUROC", "difference [95% CI]", "p"]
+    assert table.iloc[0]["difference [95% CI]"] == "+0.17 [+0.13, +0.20]"
+    html_path, _ = write_report(
+        results,
+        tmp_path,
+        background="background_share",
+        extra_tables={"Paired": table},
+        conclusion=text,
+    )
+    doc = html_path.read_text()
+    assert "What this study found" in doc and "took the shortcut" in doc
+    assert doc.index("What this study found") < doc.index("<table>")
+    assert "positive relevance" not in doc
+    assert "What this study found" in (tmp_path / "report.md").read_text()
+
+
+def test_several_seeds_show_spread_over_seeds_not_averaged_cis(tmp_path):
+    from evaluation.report import headline_metrics, summary_table, table_caption
+
+    results = _bias_results(seeds=(0, 1))
+    caption = table_caption(results)
+    assert "mean ± SD over 2 training seeds (0, 1)" in caption
+    assert "95% CI from a bootstrap" not in caption.split(".")[0]
+    cell = summary_table(results).loc["standard", "site-biased (biased)"]
+    assert cell == "0.99 ± 0.01 (0.99-1.00)"  # mean ± SD (min-max) over seeds, not a CI
+    html_path, md = write_report(results, tmp_path, background="background_share")
+    doc = html_path.read_text()
+    assert "seed 0 (95% CI from a bootstrap over patients)" in doc
+    assert "seed 1 (95% CI from a bootstrap over patients)" in doc
+    assert "±" in md
+    one = headline_metrics(_bias_results())
+    assert one["auroc_macro.isnet.site-external"] == pytest.approx(0.83)
+    assert one["auroc_macro.isnet.site-external_lo"] == pytest.approx(0.80)
+    two = headline_metrics(results)
+    assert two["auroc_macro.isnet.site-external"] == pytest.approx(0.835)
+    assert "auroc_macro.isnet.site-external_sd" in two
+    assert two["auroc_macro.isnet.site-external.seed1_hi"] == pytest.approx(0.87)
+    assert "auroc_macro.isnet.site-external_lo" not in two
+
+
+def test_heatmap_grid_has_a_colour_scale(tmp_path):
+    from evaluation.report import plot_heatmap_grid
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 3:13] = True
+    ex = [(rng.random((16, 16)), mask, rng.normal(size=(16, 16))) for _ in range(2)]
+    plain = plot_heatmap_grid([("a", ex)], tmp_path / "g.png")
+    from PIL import Image
+
+    w, h = Image.open(plain).size
+    assert h > w * 0.6  # two image rows plus the horizontal colour bar and its label

@@ -119,11 +119,16 @@ def test_tiny_study_into_sqlite_store(tiny_data, tmp_path):
         assert tags["eval.kind"] in {"internal", "external", "biased", "unbiased", "confounding"}
         names = set(ev.data.metrics)
         assert "auroc_macro" in names and "background_share" in names
+        # the chance level beside background_share is its own (1 - lung fraction, ~0.8)
+        assert "chance" not in names
+        chance = ev.data.metrics["background_share_chance"]
+        assert chance == pytest.approx(1 - ev.data.metrics["lung_fraction"]) and chance > 0.5
         metric_names = metric_names or names
         assert names == metric_names  # identical metric names on every dataset
         contexts = {i.tags[0].value for i in ev.inputs.dataset_inputs}
         assert contexts == {"evaluation"}
-        assert "predictions.csv" in {a.path for a in client.list_artifacts(ev.info.run_id)}
+        artifacts = {a.path for a in client.list_artifacts(ev.info.run_id)}
+        assert {"predictions.csv", "heatmaps.png"} <= artifacts  # every evaluation run
     for tr in trains:
         assert {i.tags[0].value for i in tr.inputs.dataset_inputs} == {"training"}
         assert tr.data.tags.get("train.model_id")
@@ -136,6 +141,28 @@ def test_tiny_study_into_sqlite_store(tiny_data, tmp_path):
     assert trains[0].data.tags["method"].startswith(p.card.method) and len(p.classes) == 3
     artifacts = {a.path for a in client.list_artifacts(res.run_id)}
     assert {"report.html", "results.csv", "paired_tests.csv"} <= artifacts
+    # the parent run carries the headline (method x dataset AUROC with CI) and the conclusion
+    parent = client.get_run(res.run_id)
+    row = res.results.query("method == 'standard' and dataset == 'hospital-c'").iloc[0]
+    key = "auroc_macro.standard.hospital-c"
+    assert parent.data.metrics[key] == pytest.approx(row["auroc_macro"])
+    assert parent.data.metrics[f"{key}_lo"] == pytest.approx(row["auroc_macro_ci_low"])
+    assert parent.data.metrics[f"{key}_hi"] == pytest.approx(row["auroc_macro_ci_high"])
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(res.conclusion) and "On hospital-c (external) the best is" in note
+    assert "What this study found" in res.report.read_text()
+    # external rows are test rows in their evaluation run
+    ext = next(r for r in evals if r.data.tags["eval.kind"] == "external")
+    table = pd.read_csv(
+        client.download_artifacts(ext.info.run_id, "predictions.csv", str(tmp_path))
+    )
+    assert set(table["split"]) == {"test"}
+    # every model: named after its method, signature, registered (one registered model a method)
+    for tr in trains:
+        model = client.get_logged_model(tr.data.tags["train.model_id"])
+        assert model.name == tr.data.tags["method"]
+    registered = {m.name for m in client.search_registered_models()}
+    assert registered == {"isnet-cxr-standard", "isnet-cxr-isnet-selective"}
 
     # results and evidence on disk; every model has a card for batch runs
     cards = sorted((res.out_dir / "models").rglob("model.json"))

@@ -298,3 +298,144 @@ def _check_layout_subset(client: MlflowClient, name: str, ids: dict) -> None:
             return [r for r in client.search_runs(experiment_ids) if r.info.run_id in wanted]
 
     _check_layout(_Only(), name, ids)
+
+
+# ----------------------------------------------------------------------------- the store check
+
+
+class _Refusing:
+    """A real HTTP server on localhost that answers every request like an MLflow >= 3.5 server
+    whose --allowed-hosts does not name the host the client used (403)."""
+
+    def __init__(self, status: int = 403, body: bytes = b"Invalid Host header"):
+        import http.server
+        import threading
+
+        status_, body_ = status, body
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                self.send_response(status_)
+                self.send_header("Content-Length", str(len(body_)))
+                self.end_headers()
+                self.wfile.write(body_)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_store_check_says_why_a_store_cannot_be_used(tmp_path, store_uri):
+    from pipeline.tracking import TrackingStoreError, check_tracking_store, ui_hint
+
+    with _Refusing() as srv, pytest.raises(TrackingStoreError, match="--allowed-hosts"):
+        check_tracking_store(srv.url)
+    with (
+        _Refusing(200, b"<html>not mlflow</html>") as srv,
+        pytest.raises(TrackingStoreError, match="not as an MLflow tracking server"),
+    ):
+        check_tracking_store(srv.url)
+    with _Refusing() as srv:
+        closed = srv.url  # nothing listens there once the server is shut
+    with pytest.raises(TrackingStoreError, match="no MLflow tracking server answers"):
+        check_tracking_store(closed, timeout=2)
+    check_tracking_store(store_uri)  # a fine local store passes
+    check_tracking_store(f"sqlite:///{tmp_path / 'new' / 'mlruns.db'}")  # created on first use
+    # the UI: a server is its own UI; a SQLite store needs `mlflow ui` started on it
+    assert ui_hint("http://mlflow.example:5000", "3", "abc") == (
+        "open http://mlflow.example:5000/#/experiments/3/runs/abc in a browser "
+        "(the tracking server serves the UI)"
+    )
+    assert f"ui --backend-store-uri {store_uri}" in ui_hint(store_uri)
+
+
+def test_store_check_passes_on_a_real_server(mlflow_server):
+    from pipeline.tracking import check_tracking_store
+
+    check_tracking_store(mlflow_server.url())
+
+
+def test_evaluation_rows_are_test_rows_and_each_run_has_its_heatmaps(tmp_path, store_uri):
+    """An external site's rows carry their own manifest's split (train/val/test); in its
+    evaluation run they are all test rows."""
+    df = _manifest("siteC", 8, 3).assign(split=["train", "val", "test", "train"] * 2)
+    train_df = _manifest("siteA", 6, 0)
+    rng = np.random.default_rng(0)
+    examples = [(rng.random((8, 8)), np.ones((8, 8), bool), rng.normal(size=(8, 8)))]
+    with (
+        StudyTracker("splits", {}, tracking_uri=store_uri) as st,
+        st.training_run("isnet", 0, {}, train_df) as tr,
+        st.evaluation_run(tr.run_id, None, "siteC", "external", df) as ev,
+    ):
+        probs, labels = _fake_predictions(df, 1)
+        ev.log_predictions(probs, labels, CLASSES)
+        ev.log_heatmaps(examples)
+    client = MlflowClient(store_uri)
+    table = _read_predictions(client, ev.run_id, tmp_path)
+    assert set(table["split"]) == {"test"}
+    assert "heatmaps.png" in {a.path for a in client.list_artifacts(ev.run_id)}
+
+
+@pytest.mark.slow
+def test_store_check_names_allowed_hosts_for_a_real_refusing_server(tmp_path, migrated_db):
+    """A real `mlflow server` whose --allowed-hosts does not name the host the client uses
+    answers 403; the check says so (and what to set) instead of a raw MlflowException."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.tracking import TrackingStoreError, check_tracking_store
+    from tests.mlflow_support import QUIET_ENV, _free_port, _Server
+
+    shutil.copy(migrated_db, tmp_path / "s.db")
+    port = _free_port()
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 's.db'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--allowed-hosts",
+        f"mlflow-host,mlflow-host:{port}",
+    ]
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **QUIET_ENV},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # /health answers 403 too: wait until the port answers at all
+            try:
+                check_tracking_store(f"http://127.0.0.1:{port}", timeout=2)
+                raise AssertionError("the server accepted a host it was not told to allow")
+            except TrackingStoreError as err:
+                if "HTTP 403" in str(err):
+                    assert "--allowed-hosts" in str(err)
+                    break
+                assert time.monotonic() < deadline, _Server(
+                    proc, port, tmp_path / "log"
+                )._log_tail()
+                time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)

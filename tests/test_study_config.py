@@ -1,0 +1,169 @@
+"""A study stops before any work when its config or its tracking store is wrong, and says why;
+`data check --labels` reports unknown labels. All fast: nothing is generated or trained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cxr_io.resources import bundle_file
+from pipeline.cli import app, parse_override
+from pipeline.study import StudyConfig, run_study
+from pipeline.tracking import TrackingStoreError
+from tests.test_tracking import _Refusing
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _study_def() -> dict:
+    return json.loads((ROOT / "configs" / "study.json").read_text())["study_def"]
+
+
+def test_malformed_set_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app,
+        [
+            "study",
+            "run",
+            str(ROOT / "configs" / "study.json"),
+            "--out",
+            str(out),
+            "--set",
+            "study_def#seeds=[0,1",
+            "--set",
+            "study_def#train#epochs=3",
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert "'[0,1' is not valid JSON" in res.output
+    assert not out.exists()  # nothing was made
+    # a well-formed value of the wrong type, and an unknown key: all listed, still no work
+    res = runner.invoke(
+        app,
+        [
+            "study",
+            "run",
+            str(ROOT / "configs" / "study.json"),
+            "--out",
+            str(out),
+            "--set",
+            'study_def#seeds=["0"]',
+            "--set",
+            "study_def#train#epoch=3",
+            "--set",
+            "study_def#n_boot=0",
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert "seeds must be a list of integers" in res.output
+    assert "train.epoch is not a training setting" in res.output
+    assert "n_boot must be a positive integer" in res.output
+    assert not out.exists()
+    res = runner.invoke(app, ["study", "run", "--set", "nosuch#key=1", "--out", str(out)])
+    assert res.exit_code == 2 and "'nosuch' is not in the config" in res.output
+
+
+def test_override_values():
+    assert parse_override("study_def#seeds=[0,1]") == ("study_def#seeds", [0, 1])
+    assert parse_override("study_def#name=my-study") == ("study_def#name", "my-study")
+    assert parse_override("study_def#train#lr=1e-3") == ("study_def#train#lr", 0.001)
+    for bad in ("study_def#seeds", "=3", 'study_def#name="x', "study_def#n_boot=5x"):
+        with pytest.raises(ValueError):
+            parse_override(bad)
+
+
+def test_config_types_are_checked():
+    cfg = StudyConfig.from_dict(_study_def())  # the shipped config is valid
+    assert cfg.seeds == (0,)
+    assert (
+        StudyConfig.from_dict(
+            json.loads(bundle_file("configs", "study.json").read_text())["study_def"]
+        ).methods
+        == cfg.methods
+    )
+    for raw, message in [
+        ({"seeds": "[0,1"}, "seeds must be a JSON list"),
+        ({"seeds": [0, 0]}, "seeds must be distinct"),
+        ({"methods": ["isnett"]}, "method 'isnett' is not one of"),
+        ({"train": {"epochs": 2.5}}, "train.epochs must be an integer"),
+        ({"train": {"seed": 1}}, "train.seed is set per method/seed by the study"),
+        ({"synthetic": {"difficulty": 2}}, "synthetic.difficulty must be in [0, 1]"),
+        ({"bias_sets": "yes"}, "bias_sets must be true or false"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            StudyConfig.from_dict({**_study_def(), **raw})
+
+
+def test_refusing_store_stops_the_study_before_data_and_masks(tmp_path, monkeypatch):
+    cfg = StudyConfig.from_dict({**_study_def(), "train": {"epochs": 1}})
+    with _Refusing() as srv:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.url)
+        with pytest.raises(TrackingStoreError, match="HTTP 403.*--allowed-hosts"):
+            run_study(cfg, tmp_path / "out", log=lambda _: None)
+        # the CLI says it plainly, without a traceback
+        res = runner.invoke(
+            app,
+            ["study", "run", str(ROOT / "configs" / "study.json"), "--out", str(tmp_path / "out2")],
+        )
+    assert res.exit_code == 2 and "--allowed-hosts" in res.output
+    assert "Nothing was computed" in res.output and "Traceback" not in res.output
+    for out in (tmp_path / "out", tmp_path / "out2"):
+        assert not (out / "data").exists() and not (out / "masks").exists()
+
+
+def test_data_check_reports_unknown_labels(tmp_path):
+    res = runner.invoke(
+        app,
+        [
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path / "s"),
+            "--n-per-site",
+            "3",
+            "--size",
+            "32",
+            "--workers",
+            "1",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    manifest = tmp_path / "s" / "manifest.csv"
+    ok = runner.invoke(app, ["data", "check", str(manifest), "--labels", "covid,normal,pneumonia"])
+    assert ok.exit_code == 0 and "manifest OK" in ok.output
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    df.loc[1, "label"] = "pneumonai"  # a typo
+    df.loc[4, "label"] = "Covid"  # another spelling
+    df.to_csv(manifest, index=False)
+    bad = runner.invoke(app, ["data", "check", str(manifest), "--labels", "covid,normal,pneumonia"])
+    assert bad.exit_code == 2, bad.output
+    assert "2 problem(s)" in bad.output
+    assert "row 3" in bad.output and "'pneumonai'" in bad.output and "row 6" in bad.output
+
+
+def test_mask_stage_progress_bar_counts_files(tmp_path, capsys):
+    import threading
+    import time
+
+    from pipeline.study import _folder_progress
+
+    folder = tmp_path / "masks"
+
+    def writer():
+        folder.mkdir()
+        for i in range(4):
+            (folder / f"{i}.png").write_bytes(b"x")
+            time.sleep(0.2)
+
+    with _folder_progress(folder, 4, "lung masks", enabled=True):
+        t = threading.Thread(target=writer)
+        t.start()
+        t.join()
+    err = capsys.readouterr().err
+    assert "lung masks" in err and "4/4" in err
