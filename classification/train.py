@@ -317,7 +317,8 @@ class ValidationLoss:
     selector (:meth:`classification.methods.ISNet.for_validation`), the Faster-ISNet selection
     criterion: a checkpoint that uses the background pays for it here, whereas validation
     accuracy on a biased split rewards it. Attach it before a :class:`BestStateDictSaver` that
-    reads ``val_loss``.
+    reads ``val_loss``. Under DDP (each rank validating its shard) the sums are all-reduced, so
+    every rank gets the loss of the whole validation set.
     """
 
     def __init__(
@@ -354,6 +355,12 @@ class ValidationLoss:
                     n += b
         finally:
             model.train(was_training)
+        keys = sorted(sums)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # each rank saw its validation shard: sum over ranks so all select alike
+            totals = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            sums, n = dict(zip(keys, totals[:-1].tolist(), strict=True)), int(totals[-1])
         return {k: v / max(n, 1) for k, v in sums.items()}
 
 

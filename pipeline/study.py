@@ -33,7 +33,13 @@ import pandas as pd
 
 from classification.inputs import resize_image, resize_mask
 from classification.model_card import load_model
-from classification.train import TrainConfig, TrainResult, train
+from classification.train import (
+    TrainConfig,
+    TrainResult,
+    resolve_augment,
+    resolve_select,
+    train,
+)
 from cxr_io.manifest import class_names, load_manifest, select, to_records
 from cxr_io.readers import surfaced_read_errors
 from cxr_io.resources import default_segmenter
@@ -295,6 +301,13 @@ def _train_problems(train_cfg: Any) -> list[str]:
             continue
         if key in ("method", "method_params", "seed"):
             out.append(f"train.{key} is set per method/seed by the study (methods, seeds)")
+            continue
+        if key in ("augment", "select"):  # a policy name (augment: also true/false)
+            resolve = resolve_augment if key == "augment" else resolve_select
+            try:
+                resolve(TrainConfig(**{key: value}))
+            except (TypeError, ValueError) as exc:
+                out.append(f"train.{key}: {exc}")
             continue
         default = getattr(TrainConfig(), key)
         if isinstance(default, bool):

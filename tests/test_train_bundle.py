@@ -46,6 +46,7 @@ def test_bundle_trains_standard(tmp_path) -> None:
     build_backbone("small_cnn", 3).load_state_dict(state)
     assert (out / "last_model.pt").is_file()
     assert (out / "checkpoints" / "resume_checkpoint_epoch=2.pt").is_file()
+    assert json.loads((out / "best_metric.json").read_text())["metric"] == "val_acc"
 
 
 def test_bundle_isnet_with_mlflow_tracking(tmp_path) -> None:
@@ -71,6 +72,8 @@ def test_bundle_isnet_with_mlflow_tracking(tmp_path) -> None:
         names.append(wf.parser.get_parsed_content("run_name"))
     constants = json.loads((out / "isnet_constants.json").read_text())
     assert 0 < constants["C1"] <= constants["C2"]
+    # as in `isnet-cxr train`: the ISNet is selected on its validation loss (CE + heatmap loss)
+    assert json.loads((out / "best_metric.json").read_text())["metric"] == "val_loss"
 
     client = MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
     exp = client.get_experiment_by_name("isnet_cxr_train")
