@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from mlflow import MlflowClient
 
 from classification.model_card import read_model_card
 from pipeline.tracking import StudyTracker, project_requirements, registered_name
+from tests.test_packaging import install_outside
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,12 +77,7 @@ def test_logged_model_loads_with_only_the_installed_package(tmp_path) -> None:
     assert (where / "input_example.json").is_file()
 
     # install from a copy of the source into a private folder; load from elsewhere
-    src = tmp_path / "src"
-    skip = shutil.ignore_patterns(".*", "build", "outputs", "data", "*.egg-info", "docs", "tests")
-    shutil.copytree(ROOT, src, ignore=skip)
-    site = tmp_path / "site"
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
-    subprocess.run([*pip, "--target", str(site), str(src)], check=True, capture_output=True)
+    site = install_outside(tmp_path)
     work = tmp_path / "elsewhere"
     work.mkdir()
     res = subprocess.run(

@@ -29,15 +29,23 @@ app()
 """
 
 
-@pytest.mark.slow
-def test_installed_package_runs_seg_predict_outside_the_checkout(tmp_path) -> None:
-    # build from a copy: pip builds in the source tree, which must stay untouched
+def install_outside(tmp_path: Path) -> Path:
+    """Install the package (no dependencies) into ``tmp_path/site`` and return that folder.
+
+    Built from a copy of the source: pip builds in the source tree, which must stay untouched.
+    """
     src = tmp_path / "src"
     skip = shutil.ignore_patterns(".*", "build", "outputs", "data", "*.egg-info", "docs", "tests")
     shutil.copytree(ROOT, src, ignore=skip)
     site = tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run([*pip, "--target", str(site), str(src)], check=True, capture_output=True)
+    return site
+
+
+@pytest.mark.slow
+def test_installed_package_runs_seg_predict_outside_the_checkout(tmp_path) -> None:
+    site = install_outside(tmp_path)
     work = tmp_path / "elsewhere"
     work.mkdir()
     image = write_cxr_dicom(work / "film.dcm", chest_like(np.random.default_rng(0)), BitsStored=12)
