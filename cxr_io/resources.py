@@ -7,7 +7,7 @@ after ``pip install``, and from the source checkout in an editable install.
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from pathlib import Path
 from typing import Literal
 
@@ -22,16 +22,19 @@ def bundle_file(folder: Literal["models", "configs"], name: str) -> Path:
     Raises:
         FileNotFoundError: no such file ships with the package.
     """
-    try:
-        path = Path(str(importlib.resources.files(_PACKAGES[folder]) / name))
-    except ModuleNotFoundError:  # imported from a checkout that was never installed
-        path = Path(__file__).resolve().parents[1] / folder / name
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{folder}/{name} is not part of this installation of isnet-cxr ({path}); "
-            "reinstall the package or give the path explicitly"
-        )
-    return path
+    # the package's folders (a namespace package: an editable install lists a path hook beside
+    # the real folder, which importlib.resources.files() refuses), then the source checkout
+    spec = importlib.util.find_spec(_PACKAGES[folder])
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    roots.append(Path(__file__).resolve().parents[1] / folder)
+    for root in roots:
+        path = root / name
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{folder}/{name} is not part of this installation of isnet-cxr (looked in "
+        f"{', '.join(str(r) for r in roots)}); reinstall the package or give the path explicitly"
+    )
 
 
 def default_segmenter() -> Path:
