@@ -94,6 +94,33 @@ class _Server:
         return self.log_path.read_text(errors="replace")[-3000:]
 
 
+def start_server(db: Path, port: int, log_path: Path, *extra: str) -> subprocess.Popen:
+    """Start ``mlflow server`` on 127.0.0.1:``port`` over the SQLite file ``db`` (one worker,
+    quiet, output to ``log_path``) in its own process group; ``extra``: more server flags."""
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        *extra,
+    ]
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **QUIET_ENV},
+            cwd=db.parent,
+            start_new_session=True,  # its own process group: a finaliser stops the workers too
+        )
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, migrated_db):
     """A real `mlflow server` (SQLite backend, proxied artifacts), started once per session.
@@ -103,30 +130,10 @@ def mlflow_server(tmp_path_factory, migrated_db):
     root = tmp_path_factory.mktemp("mlflow_server")
     shutil.copy(migrated_db, root / "server.db")  # skips the schema migrations at start-up
     port = _free_port()
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'server.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
     log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **QUIET_ENV},
-            cwd=root,
-            start_new_session=True,  # its own process group: the finalizer stops the workers too
-        )
+    proc = start_server(
+        root / "server.db", port, log_path, "--artifacts-destination", str(root / "artifacts")
+    )
     try:
         yield _Server(proc, port, log_path)
     finally:

@@ -392,36 +392,14 @@ def test_store_check_names_allowed_hosts_for_a_real_refusing_server(tmp_path, mi
     """A real `mlflow server` whose --allowed-hosts does not name the host the client uses
     answers 403; the check says so (and what to set) instead of a raw MlflowException."""
     import shutil
-    import subprocess
-    import sys
 
     from pipeline.tracking import TrackingStoreError, check_tracking_store
-    from tests.mlflow_support import QUIET_ENV, _free_port, _Server
+    from tests.mlflow_support import _free_port, _Server, start_server
 
     shutil.copy(migrated_db, tmp_path / "s.db")
     port = _free_port()
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path / 's.db'}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--allowed-hosts",
-        f"mlflow-host,mlflow-host:{port}",
-    ]
-    with open(tmp_path / "log", "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **QUIET_ENV},
-            start_new_session=True,
-        )
+    allowed = f"mlflow-host,mlflow-host:{port}"
+    proc = start_server(tmp_path / "s.db", port, tmp_path / "log", "--allowed-hosts", allowed)
     try:
         deadline = time.monotonic() + 90
         while True:  # /health answers 403 too: wait until the port answers at all
