@@ -28,7 +28,7 @@ __all__ = [
     "make_lrp_ready",
 ]
 
-BACKBONES = ("densenet121", "resnet18", "small_cnn")
+BACKBONES = ("densenet121", "resnet18", "small_cnn", "small_cnn_deep")
 
 
 class LRPReadyResNetBlock(ResNetBlock):
@@ -133,9 +133,11 @@ class MaxPool2x2(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Small fast ReLU CNN: 4 blocks (conv3x3-BN-ReLU, 2x2 max pooling after the first 3), global
-    average pool, dropout, linear. Input ``[B, in_channels, H, W]`` (H, W >= 16), output logits
-    ``[B, num_classes]``. About 20 ms per eval batch of 8 at 128x128 on one CPU core."""
+    """Small fast ReLU CNN: one block (conv3x3-BN-ReLU) per entry of ``widths``, 2x2 max pooling
+    after every block but the last, global average pool, dropout, linear. Input
+    ``[B, in_channels, H, W]`` (H, W >= 2 ** (len(widths) - 1)), output logits
+    ``[B, num_classes]``. With 4 blocks about 20 ms per eval batch of 8 at 128x128 on one CPU
+    core."""
 
     def __init__(
         self,
@@ -173,13 +175,16 @@ def build_backbone(
 
     Args:
         name: ``"densenet121"`` (MONAI DenseNet121, the paper's; 224x224 inputs),
-            ``"resnet18"`` (MONAI ResNet-18) or ``"small_cnn"`` (``SmallCNN``, for demos/tests,
-            64x64..256x256).
+            ``"resnet18"`` (MONAI ResNet-18), ``"small_cnn"`` (``SmallCNN``, 4 blocks, for
+            demos/tests, 64x64..256x256; its last features see 38 x 38 px) or
+            ``"small_cnn_deep"`` (``SmallCNN`` with 6 blocks and 5 poolings: its last features
+            see the whole of a 64x64 image, about 158 x 158 px; inputs >= 32x32).
         num_classes: number of logits N.
         in_channels: image channels (1 for chest X-rays).
         dropout: dropout probability right before the last linear layer.
-        width: ``small_cnn`` only: channels of its first block; the four blocks have
-            ``(width, 2 * width, 4 * width, 4 * width)`` channels (default 16: 16, 32, 64, 64).
+        width: ``small_cnn*`` only: channels of its first block; the blocks have
+            ``(width, 2 * width, 4 * width, 4 * width[, 4 * width, 4 * width])`` channels
+            (default 16: 16, 32, 64, 64).
             Other backbones accept only the default.
 
     Returns:
@@ -189,7 +194,7 @@ def build_backbone(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
-    if width != 16 and name != "small_cnn":
+    if width != 16 and not name.startswith("small_cnn"):
         raise ValueError(f"width={width} applies to small_cnn only, not {name!r}")
     if name == "densenet121":
         net: nn.Module = DenseNet121(
@@ -216,8 +221,10 @@ def build_backbone(
         new_fc = DropoutLinear(fc.in_features, fc.out_features, dropout)
         new_fc.load_state_dict(fc.state_dict())
         net.fc = new_fc
-    elif name == "small_cnn":
+    elif name in ("small_cnn", "small_cnn_deep"):
         widths = (width, 2 * width, 4 * width, 4 * width)
+        if name == "small_cnn_deep":
+            widths += (4 * width, 4 * width)
         net = SmallCNN(num_classes, in_channels, widths=widths, dropout=dropout)
     else:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

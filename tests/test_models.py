@@ -58,7 +58,14 @@ def test_resnet_blocks_get_two_relus():
 
 
 @pytest.mark.parametrize(
-    ("name", "size"), [("small_cnn", 64), ("small_cnn", 128), ("resnet18", 64), ("densenet121", 64)]
+    ("name", "size"),
+    [
+        ("small_cnn", 64),
+        ("small_cnn", 128),
+        ("small_cnn_deep", 64),
+        ("resnet18", 64),
+        ("densenet121", 64),
+    ],
 )
 def test_build_backbone(name, size):
     torch.manual_seed(0)
@@ -71,6 +78,27 @@ def test_build_backbone(name, size):
     assert any(d.p == 0.3 for d in dropouts)
     _, R = lrp_heatmaps(net, x, lambda lg: lg[:, :1])
     assert R.shape == (2, 1, 1, size, size) and torch.isfinite(R).all()
+
+
+def _receptive_extent(net: nn.Module, size: int) -> tuple[int, int]:
+    """Rows and columns of a ``size`` x ``size`` input that reach the centre output feature."""
+    net = net.eval()
+    x = torch.rand(1, 1, size, size, requires_grad=True)
+    feats = net.features(x)
+    h, w = feats.shape[-2:]
+    (g,) = torch.autograd.grad(feats[0, :, h // 2, w // 2].sum(), x)
+    nz = g[0, 0].abs() > 0
+    return int(nz.any(1).sum()), int(nz.any(0).sum())
+
+
+def test_small_cnn_deep_sees_the_whole_image_where_small_cnn_sees_part():
+    torch.manual_seed(0)
+    deep = build_backbone("small_cnn_deep", 3)
+    convs = [m.out_channels for m in deep.modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [16, 32, 64, 64, 64, 64]
+    assert _receptive_extent(deep, 64) == (64, 64)
+    rows, cols = _receptive_extent(build_backbone("small_cnn", 3), 64)
+    assert rows < 40 and cols < 40
 
 
 def test_build_backbone_rejects_unknown_name():
