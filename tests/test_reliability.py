@@ -403,3 +403,31 @@ def test_wrong_rows_is_refused_but_zero_padding_is_read(tmp_path) -> None:
         load_cxr(path)
     padded = load_cxr(get_testdata_file("MR_small_padded.dcm", download=False))
     assert padded.pixels.shape == (64, 64)
+
+
+def test_resumed_run_finds_copies_of_flagged_images(corpus, tmp_path, monkeypatch) -> None:
+    """Copies of a flagged image (lateral view; no lungs found) are duplicates in one run and
+    in a run interrupted before them and resumed (before the fix: flagged again, since
+    errors.csv keeps no pseudo_id)."""
+    monkeypatch.setenv("ISNET_CXR_HOME", str(tmp_path / "home"))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    rng = np.random.default_rng(5)
+    write_cxr_dicom(tree / "a_lateral", chest_like(rng), BitsStored=12, ViewPosition="LL")
+    bars = ((np.arange(128) * 8 // 128) % 2 * 3000 + 500).astype(np.uint16)
+    write_cxr_dicom(tree / "b_bars", np.tile(bars, (128, 1)), BitsStored=12)
+    write_cxr_dicom(tree / "c_good", chest_like(rng), BitsStored=12)
+    for name in ("a_lateral", "b_bars", "c_good"):
+        (tree / f"d_copy_of_{name}").write_bytes((tree / name).read_bytes())
+    args = {"batch_size": 2, "heatmaps": False, "progress": False}
+    run_batch(tree, corpus["model"], tmp_path / "one", **args)
+    first = run_batch(tree, corpus["model"], tmp_path / "two", max_files=3, **args)
+    assert first.processed_now == 3 and not first.complete
+    run_batch(tree, corpus["model"], tmp_path / "two", **args)
+    one, two = read(tmp_path / "one", "errors.csv"), read(tmp_path / "two", "errors.csv")
+    copies = one[one["rel_path"].str.startswith("d_copy")]
+    assert list(copies["kind"]) == ["duplicate"] * 3, one
+    assert list(one[one["rel_path"] == "b_bars"]["error"]) == ["NoLungsFound"]
+    pd.testing.assert_frame_equal(one, two)
+    same_preds = read(tmp_path / "one", "predictions.csv")
+    pd.testing.assert_frame_equal(same_preds, read(tmp_path / "two", "predictions.csv"))
