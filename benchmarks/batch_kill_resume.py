@@ -4,25 +4,27 @@ final tables those of an uninterrupted run?
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/batch_kill_resume.py
 
 Makes a folder of ``--films`` synthetic chest films (``synthetic.render_case``, 12-bit CR
-DICOM) plus odd files that end in ``errors.csv`` (a knee, a lateral view, a blank body part,
-a truncated file, an image without lungs, copies of a classified, a flagged and a lateral film:
-duplicates), runs ``python -m pipeline.cli batch run DIR --model M --out OUT`` once without
-interruption (the reference), then for ``--runs`` fresh output folders starts the same command
-as a subprocess and kills it with SIGKILL after a random delay (seeded by ``--seed``), again
-and again, until ``--kills`` kills in all have landed on a running process; the last
-interruption of the last run is a SIGINT (Ctrl-C). Each run is then resumed with the same
-command until it exits 0.
+DICOM) plus 9 odd files that end in ``errors.csv`` (a knee, a lateral view, a blank body part,
+a truncated file, an image without lungs; copies of a classified film, of the lateral, of the
+image without lungs and of the knee), runs ``python -m pipeline.cli batch run DIR --model M
+--out OUT`` once without interruption (the reference), then starts the same command on a fresh
+``--out`` as a subprocess and interrupts it (SIGKILL; the very last interruption is a SIGINT,
+Ctrl-C) at random points (seeded by ``--seed``), restarting it each time, until the run's share
+of ``--kills`` has landed on a running process; then resumes it until it exits 0. At least
+``--runs`` runs; a run that finishes before its kills hands them on to the next.
 
 A fifth of the interruptions land in start-up (a delay uniform in 0..the reference's time to
-its first row on disk); the others after the start has written a chunk, at a further delay
-uniform in 0..the reference's time for the rows still missing, so kills land in start-up,
-reading, inference and writing. Prints each kill (delay, rows on disk before and after), then,
-per run, against the reference: rows lost, rows duplicated (a file with more than one row in
-``predictions.csv`` + ``errors.csv``), rows added (files the reference has no row for), rows
-differing (another table, kind, error, reason, class, pseudo id, lung area, flags; a
-probability more than ``--tol`` = 2e-6 apart, the documented batch-size tolerance; a
-``background_share`` more than 1e-4 apart), classified images without their mask or overlay,
-and temporary files left behind.
+its first row on disk); the others are spread over the run: each waits for a row count drawn
+at random (sorted, so each start gets further), then a random part of one chunk's time, so
+kills land in reading, inference and writing.
+
+Prints each start (signal, phase, seconds after the start, rows on disk before and at the
+signal, exit code), then per run, against the reference: rows lost, rows duplicated (a file
+with more than one row in ``predictions.csv`` + ``errors.csv``), rows added (files the
+reference has no row for), rows differing (another table, kind, error, reason, class, pseudo
+id, lung area, flags; a probability more than ``--tol`` = 2e-6 apart, the documented
+batch-size tolerance; a ``background_share`` more than 1e-4 apart), classified images
+without their mask or overlay, and temporary files left behind.
 """
 
 from __future__ import annotations
@@ -150,11 +152,14 @@ def interrupted_run(
     restarting it each time, then resume until it exits 0. One record per start.
 
     A fifth of the interruptions land in start-up (a delay uniform in 0..the reference's
-    start-up time: imports, lock, reading the tables); the others once this start has written
-    a chunk, after a further delay uniform in 0..the reference's time for the rows still
-    missing (reading, networks, writing rows, masks, overlays, summary).
+    start-up time: imports, lock, reading the tables). The others are spread over the run:
+    ``kills`` row counts drawn uniformly in 1..rows-1 and sorted; the i-th waits until that
+    many rows are on disk (at least one more than at this start), then a further delay uniform
+    in 0..the reference's time for one chunk (reading, networks, writing rows, masks, overlays).
     """
     startup, total_s, n_rows = timing
+    chunk_s = (total_s - startup) * runner.batch_size / n_rows
+    targets = sorted(int(t) for t in rng.integers(1, n_rows, size=kills))
     events: list[dict] = []
     landed = 0
     while True:
@@ -169,14 +174,12 @@ def interrupted_run(
             continue
         if before >= n_rows or rng.random() < 0.2:
             phase, delay = "start-up", float(rng.uniform(0, startup))
+            delay = max(0.0, t0 + delay - time.monotonic())
         else:
-            wait_for_rows(proc, out, before)
-            work_s = (total_s - startup) * max(0, n_rows - rows_on_disk(out)) / n_rows
-            phase, delay = "processing", float(rng.uniform(0, work_s))
+            wait_for_rows(proc, out, max(targets[landed], before + 1) - 1)
+            phase, delay = "processing", float(rng.uniform(0, chunk_s))
         try:
-            proc.wait(
-                timeout=max(0.0, t0 + delay - time.monotonic()) if phase == "start-up" else delay
-            )
+            proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             sig = signal.SIGINT if sigint_last and landed == kills - 1 else signal.SIGKILL
             at_kill = rows_on_disk(out)

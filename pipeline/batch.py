@@ -89,6 +89,7 @@ from cxr_io.readers import (
     check_radiograph,
     quiet_pydicom,
 )
+from cxr_io.resources import default_segmenter
 from cxr_io.settings import Settings
 from evaluation.figures import heatmap_overlay_rgb
 from pipeline.batch_report import write_index_html
@@ -677,7 +678,9 @@ def _run_settings(
         "classes": list(predictor.classes),
         "size": card.get("size"),
         "method": card.get("method"),
-        "seg_sha256": _file_sha256(Path(seg_checkpoint)) if seg_checkpoint else "default",
+        # the default segmenter by its content too: a run started by the CLI (which passes the
+        # default's path) resumes from Python without one, and the other way round
+        "seg_sha256": _file_sha256(Path(seg_checkpoint or default_segmenter())),
         "heatmaps": heatmaps,
         "policy": asdict(policy),
         "no_chest_flags": list(NO_CHEST_FLAGS),

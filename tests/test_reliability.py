@@ -431,3 +431,55 @@ def test_resumed_run_finds_copies_of_flagged_images(corpus, tmp_path, monkeypatc
     pd.testing.assert_frame_equal(one, two)
     same_preds = read(tmp_path / "one", "predictions.csv")
     pd.testing.assert_frame_equal(same_preds, read(tmp_path / "two", "predictions.csv"))
+
+
+def _rows_on_disk(out: Path) -> int:
+    paths = [out / "predictions.csv", out / "errors.csv"]
+    return sum(max(0, p.read_bytes().count(b"\n") - 1) for p in paths if p.is_file())
+
+
+def test_a_sigkilled_cli_run_resumes_to_the_uninterrupted_tables(corpus, tmp_path) -> None:
+    """A real ``isnet-cxr batch run`` process is SIGKILLed once it has written rows; the same
+    run resumed gives the tables of an uninterrupted run (benchmarks/batch_kill_resume.py does
+    this at many random points)."""
+    home = tmp_path / "home"
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    rng = np.random.default_rng(8)
+    for i in range(16):
+        write_cxr_dicom(tree / f"IM{i:02d}", chest_like(rng), BitsStored=12)
+    write_cxr_dicom(tree / "IM_lateral", chest_like(rng), BitsStored=12, ViewPosition="LL")
+    (tree / "zz_copy_of_lateral").write_bytes((tree / "IM_lateral").read_bytes())
+    out = tmp_path / "killed"
+    env = {**os.environ, "ISNET_CXR_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "pipeline.cli", "batch", "run", str(tree)]
+    cmd += ["--model", str(corpus["model"]), "--out", str(out), "--batch-size", "2"]
+    proc = subprocess.Popen(
+        [*cmd, "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    with no_hang(300):
+        while proc.poll() is None and _rows_on_disk(out) == 0:
+            time.sleep(0.005)
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
+    assert 0 < _rows_on_disk(out) < 18
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ISNET_CXR_HOME", str(home))  # the same pseudonym secret as the killed run
+    try:
+        with no_hang():
+            resumed = run_batch(tree, corpus["model"], out, batch_size=2, progress=False)
+            run_batch(tree, corpus["model"], tmp_path / "one", batch_size=2, progress=False)
+    finally:
+        mp.undo()
+    assert resumed.complete and resumed.already_done > 0
+    assert any("took over the lock" in n for n in resumed.notes)
+    pd.testing.assert_frame_equal(read(out, "errors.csv"), read(tmp_path / "one", "errors.csv"))
+    assert read(out, "errors.csv")["kind"].tolist() == ["flagged", "duplicate"]
+    got, want = read(out, "predictions.csv"), read(tmp_path / "one", "predictions.csv")
+    assert list(got["rel_path"]) == list(want["rel_path"])  # each file once, in order
+    floats = {f"prob_{c}": 2e-6 for c in CLASSES} | {"background_share": 1e-4}
+    exact = [c for c in got.columns if c not in floats]  # pseudo id, class, lung area, ...
+    pd.testing.assert_frame_equal(got[exact], want[exact])
+    for col, tol in floats.items():  # another process: float sums may differ in order
+        np.testing.assert_allclose(got[col].astype(float), want[col].astype(float), atol=tol)
