@@ -87,6 +87,13 @@ def rows_on_disk(out: Path) -> int:
     return n
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A job started in the background
+    by a non-interactive shell (``cmd &``, ``nohup``) inherits SIGINT *ignored*, and Python then
+    installs no KeyboardInterrupt handler: the SIGINT would be a no-op, not an interruption."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Runner:
     """Starts the CLI on one input folder and model; every run writes to its own ``--out``."""
 
@@ -113,7 +120,12 @@ class Runner:
     def start(self, out: Path, log: Path) -> subprocess.Popen:
         with log.open("ab") as fh:
             return subprocess.Popen(
-                self.command(out), stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT
+                self.command(out),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=ROOT,
+                preexec_fn=_default_sigint,
             )
 
     def reference(self, out: Path, log: Path) -> tuple[float, float]:
