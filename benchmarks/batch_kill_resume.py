@@ -60,8 +60,8 @@ def make_folder(folder: Path, films: int, size: int, seed: int) -> int:
         stored = np.round(case.display * 4095).astype(np.uint16)
         write_cxr_dicom(folder / f"film_{i:03d}", stored, BitsStored=12)
     rng = np.random.default_rng(seed)
-    odd = folder / "odd"
-    odd.mkdir()
+    odd = folder / "a_odd"  # sorted first, their copies ("zz_") last: a kill in between
+    odd.mkdir()  # leaves the originals in errors.csv and their copies to a resumed run
     write_cxr_dicom(odd / "knee", chest_like(rng), BitsStored=12, BodyPartExamined="KNEE")
     write_cxr_dicom(odd / "lateral", chest_like(rng), BitsStored=12, ViewPosition="LL")
     write_cxr_dicom(odd / "no_body_part", chest_like(rng), BitsStored=12, BodyPartExamined="")
@@ -69,7 +69,7 @@ def make_folder(folder: Path, films: int, size: int, seed: int) -> int:
     write_cxr_dicom(odd / "bars", np.tile(bars, (128, 1)), BitsStored=12)
     good = (folder / "film_000").read_bytes()
     (odd / "truncated").write_bytes(good[:-300])
-    # copies (same SOPInstanceUID): sorted after their originals ("zz_" > "odd/", "film_")
+    # copies (same SOPInstanceUID): duplicates, listed last
     shutil.copy(folder / "film_001", folder / "zz_copy_of_film_001")
     shutil.copy(odd / "lateral", folder / "zz_copy_of_lateral")
     shutil.copy(odd / "bars", folder / "zz_copy_of_bars")
