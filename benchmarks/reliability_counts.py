@@ -85,8 +85,8 @@ def captured(path: Path):
         fh.close()
 
 
-def make_mutated(folder: Path, n: int, seed: int) -> dict[str, str]:
-    """Write ``n`` mutated chest CRs into ``folder``; returns ``{file name: change kind}``."""
+def make_mutated(folder: Path, n: int, seed: int) -> dict[str, tuple[str, Any]]:
+    """Write ``n`` mutated chest CRs into ``folder``; returns ``{file name: change}``."""
     from tests.bad_inputs import PLANTED, PLANTED_UIDS, chest_like
     from tests.dicom_mutations import BASE_KINDS, base_dicom, mutate, random_change
 
@@ -100,7 +100,7 @@ def make_mutated(folder: Path, n: int, seed: int) -> dict[str, str]:
         data = mutate(base_dicom(base, pixels, **PLANTED, **PLANTED_UIDS), change)
         name = f"{i:03d}_{base}_{change[0]}"
         (folder / name).write_bytes(data)
-        changes[name] = change[0]
+        changes[name] = change
     return changes
 
 
@@ -260,7 +260,8 @@ def main() -> None:
         codes = concurrent(work / "corpus", model, work / "out_concurrent")
     print(
         f"corpus cases: {len(expect)}; pydicom + pydicom-data files: {len(files)}; "
-        f"mutated files: {len(changes)} (seed {args.seed}: {dict(Counter(changes.values()))})"
+        f"mutated files: {len(changes)} (seed {args.seed}: "
+        f"{dict(Counter(c[0] for c in changes.values()))})"
     )
     for r in results:
         print(f"\n== {r['name']}: {r['files']} files tried, {r['classified']} classified")
@@ -286,10 +287,16 @@ def main() -> None:
             f"  planted identifiers found (stderr, logs, warnings, outputs): {r['planted_found']}"
         )
     mutated = results[-1]["outcome"] if "mutated" in sets else {}
-    table = Counter((changes[r], kind) for r, kind in mutated.items() if r in changes)
+    table = Counter((changes[r][0], kind) for r, kind in mutated.items() if r in changes)
     print("\nmutated files, change x outcome:")
     for (change, kind), n in sorted(table.items()):
         print(f"  {change:5s} {kind:10s} {n}")
+    tags = Counter(
+        "+".join(sorted({k for k, _ in changes[r][1]}))
+        for r, kind in mutated.items()
+        if kind == "predicted" and changes[r][0] == "tag"
+    )
+    print(f"changed tags of the classified files: {dict(sorted(tags.items()))}")
     total = sum(r["files"] for r in results)
     print(
         f"\nall sets: {total} files tried; whole-run failures "

@@ -453,7 +453,9 @@ def test_a_sigkilled_cli_run_resumes_to_the_uninterrupted_tables(corpus, tmp_pat
     out = tmp_path / "killed"
     env = {**os.environ, "ISNET_CXR_HOME": str(home), "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "pipeline.cli", "batch", "run", str(tree)]
+    # the batch command's own typer app (``isnet-cxr batch`` mounts it): fewer imports
+    code = "from pipeline.batch_cli import batch_app; batch_app()"
+    cmd = [sys.executable, "-c", code, "run", str(tree)]
     cmd += ["--model", str(corpus["model"]), "--out", str(out), "--batch-size", "2"]
     proc = subprocess.Popen(
         [*cmd, "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
