@@ -89,6 +89,7 @@ from cxr_io.readers import (
     check_radiograph,
     quiet_pydicom,
 )
+from cxr_io.resources import default_segmenter
 from cxr_io.settings import Settings
 from evaluation.figures import heatmap_overlay_rgb
 from pipeline.batch_report import write_index_html
@@ -677,7 +678,9 @@ def _run_settings(
         "classes": list(predictor.classes),
         "size": card.get("size"),
         "method": card.get("method"),
-        "seg_sha256": _file_sha256(Path(seg_checkpoint)) if seg_checkpoint else "default",
+        # the default segmenter by its content too: a run started by the CLI (which passes the
+        # default's path) resumes from Python without one, and the other way round
+        "seg_sha256": _file_sha256(Path(seg_checkpoint or default_segmenter())),
         "heatmaps": heatmaps,
         "policy": asdict(policy),
         "no_chest_flags": list(NO_CHEST_FLAGS),
@@ -847,6 +850,33 @@ class _Reader:
         return _Loaded(f, ident, image, original), None
 
 
+# Kinds of error rows whose image was read, passed the gate and took part in duplicate
+# detection before it was set aside (flagged by its header or lung mask, failed in the networks)
+REGISTERED_KINDS = ("flagged", "failed")
+
+
+def _identities_set_aside(
+    rows: Sequence[dict[str, str]], files: Sequence[InputFile], secret: bytes
+) -> dict[str, str]:
+    """``pseudo_id -> rel_path`` of the flagged and failed rows of ``errors.csv``.
+
+    errors.csv has no pseudo_id column, so a resumed run recomputes these identities (a header
+    read each): a later copy of a flagged image is then a ``duplicate``, as in an uninterrupted
+    run (before, a resumed run reported it as flagged again).
+    """
+    by_path = {f.rel_path: f for f in files}
+    seen: dict[str, str] = {}
+    for row in rows:
+        f = by_path.get(row["rel_path"])
+        if row["kind"] not in REGISTERED_KINDS or f is None or f.skip:
+            continue
+        try:
+            seen.setdefault(image_identity(f.path, secret).pseudo_id, f.rel_path)
+        except OSError:  # gone since: nothing to compare later copies with
+            continue
+    return seen
+
+
 def run_batch(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     model: str | os.PathLike,
@@ -964,6 +994,8 @@ def _run_locked(
     done = preds.keys() | errs.keys()
     reader = _Reader(settings.pseudonym_secret(), settings, policy, work_side)
     reader.seen.update({r["pseudo_id"]: r["rel_path"] for r in preds.rows})
+    for pid, rel in _identities_set_aside(errs.rows, files, reader.secret).items():
+        reader.seen.setdefault(pid, rel)
     todo = [f for f in files if f.key not in done]
     already = len(files) - len(todo)
     if max_files is not None:

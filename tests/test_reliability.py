@@ -403,3 +403,85 @@ def test_wrong_rows_is_refused_but_zero_padding_is_read(tmp_path) -> None:
         load_cxr(path)
     padded = load_cxr(get_testdata_file("MR_small_padded.dcm", download=False))
     assert padded.pixels.shape == (64, 64)
+
+
+def test_resumed_run_finds_copies_of_flagged_images(corpus, tmp_path, monkeypatch) -> None:
+    """Copies of a flagged image (lateral view; no lungs found) are duplicates in one run and
+    in a run interrupted before them and resumed (before the fix: flagged again, since
+    errors.csv keeps no pseudo_id)."""
+    monkeypatch.setenv("ISNET_CXR_HOME", str(tmp_path / "home"))
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    rng = np.random.default_rng(5)
+    write_cxr_dicom(tree / "a_lateral", chest_like(rng), BitsStored=12, ViewPosition="LL")
+    bars = ((np.arange(128) * 8 // 128) % 2 * 3000 + 500).astype(np.uint16)
+    write_cxr_dicom(tree / "b_bars", np.tile(bars, (128, 1)), BitsStored=12)
+    write_cxr_dicom(tree / "c_good", chest_like(rng), BitsStored=12)
+    for name in ("a_lateral", "b_bars", "c_good"):
+        (tree / f"d_copy_of_{name}").write_bytes((tree / name).read_bytes())
+    args = {"batch_size": 2, "heatmaps": False, "progress": False}
+    run_batch(tree, corpus["model"], tmp_path / "one", **args)
+    first = run_batch(tree, corpus["model"], tmp_path / "two", max_files=3, **args)
+    assert first.processed_now == 3 and not first.complete
+    run_batch(tree, corpus["model"], tmp_path / "two", **args)
+    one, two = read(tmp_path / "one", "errors.csv"), read(tmp_path / "two", "errors.csv")
+    copies = one[one["rel_path"].str.startswith("d_copy")]
+    assert list(copies["kind"]) == ["duplicate"] * 3, one
+    assert list(one[one["rel_path"] == "b_bars"]["error"]) == ["NoLungsFound"]
+    pd.testing.assert_frame_equal(one, two)
+    same_preds = read(tmp_path / "one", "predictions.csv")
+    pd.testing.assert_frame_equal(same_preds, read(tmp_path / "two", "predictions.csv"))
+
+
+def _rows_on_disk(out: Path) -> int:
+    paths = [out / "predictions.csv", out / "errors.csv"]
+    return sum(max(0, p.read_bytes().count(b"\n") - 1) for p in paths if p.is_file())
+
+
+def test_a_sigkilled_cli_run_resumes_to_the_uninterrupted_tables(corpus, tmp_path) -> None:
+    """A real ``isnet-cxr batch run`` process is SIGKILLed once it has written rows; the same
+    run resumed gives the tables of an uninterrupted run (benchmarks/batch_kill_resume.py does
+    this at many random points)."""
+    home = tmp_path / "home"
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    rng = np.random.default_rng(8)
+    for i in range(16):
+        write_cxr_dicom(tree / f"IM{i:02d}", chest_like(rng), BitsStored=12)
+    write_cxr_dicom(tree / "IM_lateral", chest_like(rng), BitsStored=12, ViewPosition="LL")
+    (tree / "zz_copy_of_lateral").write_bytes((tree / "IM_lateral").read_bytes())
+    out = tmp_path / "killed"
+    env = {**os.environ, "ISNET_CXR_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    # the batch command's own typer app (``isnet-cxr batch`` mounts it): fewer imports
+    code = "from pipeline.batch_cli import batch_app; batch_app()"
+    cmd = [sys.executable, "-c", code, "run", str(tree)]
+    cmd += ["--model", str(corpus["model"]), "--out", str(out), "--batch-size", "2"]
+    proc = subprocess.Popen(
+        [*cmd, "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    with no_hang(300):
+        while proc.poll() is None and _rows_on_disk(out) == 0:
+            time.sleep(0.005)
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
+    assert 0 < _rows_on_disk(out) < 18
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ISNET_CXR_HOME", str(home))  # the same pseudonym secret as the killed run
+    try:
+        with no_hang():
+            resumed = run_batch(tree, corpus["model"], out, batch_size=2, progress=False)
+            run_batch(tree, corpus["model"], tmp_path / "one", batch_size=2, progress=False)
+    finally:
+        mp.undo()
+    assert resumed.complete and resumed.already_done > 0
+    assert any("took over the lock" in n for n in resumed.notes)
+    pd.testing.assert_frame_equal(read(out, "errors.csv"), read(tmp_path / "one", "errors.csv"))
+    assert read(out, "errors.csv")["kind"].tolist() == ["flagged", "duplicate"]
+    got, want = read(out, "predictions.csv"), read(tmp_path / "one", "predictions.csv")
+    assert list(got["rel_path"]) == list(want["rel_path"])  # each file once, in order
+    floats = {f"prob_{c}": 2e-6 for c in CLASSES} | {"background_share": 1e-4}
+    exact = [c for c in got.columns if c not in floats]  # pseudo id, class, lung area, ...
+    pd.testing.assert_frame_equal(got[exact], want[exact])
+    for col, tol in floats.items():  # another process: float sums may differ in order
+        np.testing.assert_allclose(got[col].astype(float), want[col].astype(float), atol=tol)
