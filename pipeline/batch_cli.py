@@ -7,7 +7,8 @@ Exit codes: 0 done (unreadable, refused and flagged files are listed in ``errors
 do not fail the run); 2 bad arguments; 3 the model checkpoint (or segmentation checkpoint)
 does not exist; 4 the model has no usable ``model.json``; 5 no input files, or the output
 folder holds results of another model or other settings (``--restart`` to redo it); 6 another
-run is writing to the same output folder.
+run is writing to the same output folder; 130 interrupted (Ctrl-C): what was written is kept,
+the same command resumes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ EXIT_NO_MODEL = 3
 EXIT_NO_CARD = 4
 EXIT_BAD_INPUT = 5
 EXIT_LOCKED = 6
+EXIT_INTERRUPTED = 130
 
 batch_app = typer.Typer(
     help="Batch runs over folders of DICOM files (resumable; errors listed, never fatal).",
@@ -63,6 +65,32 @@ def run_command(
     progress: bool = typer.Option(True, help="Show a progress bar (files/s, ETA)."),
 ) -> None:
     """Predict every image: class probabilities, lung-mask quality, LRP overlay; then a summary."""
+    try:
+        _run(**locals())
+    except KeyboardInterrupt:
+        _fail(
+            f"interrupted: the rows already in {out} are kept; run the same command again to "
+            "resume",
+            EXIT_INTERRUPTED,
+        )
+
+
+def _run(
+    inputs: list[Path],
+    model: Path,
+    out: Path,
+    heatmaps: bool,
+    resume: bool,
+    restart: bool,
+    masks: bool,
+    dicom_seg: bool,
+    seg_model: Path | None,
+    batch_size: int,
+    max_files: int | None,
+    device: str,
+    progress: bool,
+) -> None:
+    """The body of ``batch run`` (see :func:`run_command`)."""
     from classification.model_card import ModelCardError
     from cxr_io.resources import default_segmenter
     from pipeline.batch import BatchInputError, BatchLockedError, run_batch
