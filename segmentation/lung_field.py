@@ -50,7 +50,7 @@ class FieldEstimateConfig:
     """
 
     smooth: float = 0.015
-    background: float = 0.5
+    background: float = 0.25
     body_margin: float = 0.05
     min_side_area: float = 0.02
     credible_rows: tuple[float, float] = (0.3, 0.7)
@@ -81,7 +81,10 @@ def _frame(h: int, w: int) -> np.ndarray:
 def _body(smooth: np.ndarray, cfg: FieldEstimateConfig) -> np.ndarray:
     """Bool ``[H, W]``: everything but the dark region connected to the film border."""
     h, w = smooth.shape
-    labels, _ = ndimage.label(smooth < cfg.background * threshold_otsu(smooth))
+    dark = smooth < cfg.background * threshold_otsu(smooth)
+    # an opening cuts thin dark bridges (a lung apex reaching the dark corner above a shoulder)
+    dark = ndimage.binary_opening(dark, iterations=max(1, round(0.015 * max(h, w))))
+    labels, _ = ndimage.label(dark)
     border = np.unique(labels[_frame(h, w)])
     return ~np.isin(labels, border[border > 0])
 
