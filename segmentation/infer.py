@@ -228,7 +228,9 @@ def assess_quality(
         flags.append("fragmented")
     if mask.any() and conf < thresholds.min_confidence:
         flags.append("low_confidence")
-    gap = float(np.max(np.divide(base_gaps(mask), thresholds.max_base_gap)))
+    scale = min(1.0, 256.0 / max(h, w))  # the gaps are fractions: 256 px are plenty
+    small = resize_mask(mask, (max(1, round(h * scale)), max(1, round(w * scale))))
+    gap = float(np.max(np.divide(base_gaps(small), thresholds.max_base_gap)))
     if gap > 1.0:
         flags.append("lung_base_high")
     coverage, outside = _field_check(mask, image, field_cfg)
