@@ -42,6 +42,8 @@ class FieldEstimateConfig:
         background: a border-connected pixel below this fraction of the image's Otsu level is
             outside the body.
         body_margin: erosion of the body / image width (chest wall, arms, shoulders).
+        opening: opening of the dark region / image width (cuts thin bridges between a lung and
+            the soft tissue outside the ribs).
         min_side_area: a side's estimate smaller than this image fraction is not credible.
         credible_rows: the estimate's centre row / image height must lie in this range.
         min_fill: the dark component must fill at least this fraction of its convex hull (a
@@ -50,8 +52,9 @@ class FieldEstimateConfig:
     """
 
     smooth: float = 0.015
-    background: float = 0.25
+    background: float = 0.5
     body_margin: float = 0.05
+    opening: float = 0.008
     min_side_area: float = 0.02
     credible_rows: tuple[float, float] = (0.3, 0.7)
     min_fill: float = 0.75
@@ -81,10 +84,7 @@ def _frame(h: int, w: int) -> np.ndarray:
 def _body(smooth: np.ndarray, cfg: FieldEstimateConfig) -> np.ndarray:
     """Bool ``[H, W]``: everything but the dark region connected to the film border."""
     h, w = smooth.shape
-    dark = smooth < cfg.background * threshold_otsu(smooth)
-    # an opening cuts thin dark bridges (a lung apex reaching the dark corner above a shoulder)
-    dark = ndimage.binary_opening(dark, iterations=max(1, round(0.015 * max(h, w))))
-    labels, _ = ndimage.label(dark)
+    labels, _ = ndimage.label(smooth < cfg.background * threshold_otsu(smooth))
     border = np.unique(labels[_frame(h, w)])
     return ~np.isin(labels, border[border > 0])
 
@@ -120,7 +120,9 @@ def estimate_lung_fields(
     core = ndimage.binary_erosion(body, iterations=max(1, round(cfg.body_margin * w)))
     if core.sum() < 10:
         return FieldEstimate((empty, empty.copy()), (False, False), mid, body)
-    dark = ndimage.binary_opening((smooth < threshold_otsu(smooth[core])) & core)
+    dark = ndimage.binary_opening(
+        (smooth < threshold_otsu(smooth[core])) & core, iterations=max(1, round(cfg.opening * w))
+    )
     labels, n = ndimage.label(dark)
     sides, credible = [], []
     for side in (0, 1):
