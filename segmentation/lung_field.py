@@ -9,8 +9,9 @@ used by :func:`segmentation.infer.assess_quality`:
    dark regions inside it), then keep per side of the body's midline the dark component that lies
    best where a lung lies (weighted by a broad prior centred half-way down the film, a fifth of the
    width from the midline), and take its convex hull (ribs and vessels filled). The estimate
-   is "credible" on a side when it is not tiny and its centre row lies in the middle part of the
-   film (shoulder soft tissue, picked on some paediatric films, lies at the top).
+   is "credible" on a side when it is not tiny, its centre row lies in the middle part of the
+   film (shoulder soft tissue, picked on some paediatric films, lies at the top), it fills most of
+   its hull, stays on its side and does not run along the body's edge (a leak into the chest wall).
    :func:`field_agreement` then measures, per credible side, the fraction of the estimate the
    mask covers, and the fraction of the mask that lies outside the body (a mask in the air beside
    a knee does; lungs never do).
@@ -49,6 +50,9 @@ class FieldEstimateConfig:
         min_fill: the dark component must fill at least this fraction of its convex hull (a
             lung merged with the soft tissue outside the ribs through a thin bridge does not).
         max_cross: the hull may reach at most this fraction of the width past the midline.
+        max_rim: at most this fraction of the dark component's outline may run along the edge of
+            the eroded body (a lung is walled in by ribs; a region that follows the body's edge
+            is the soft tissue of the chest wall or a shoulder, or a lung merged with it).
     """
 
     smooth: float = 0.015
@@ -59,6 +63,7 @@ class FieldEstimateConfig:
     credible_rows: tuple[float, float] = (0.3, 0.7)
     min_fill: float = 0.75
     max_cross: float = 0.02
+    max_rim: float = 0.2
 
 
 @dataclass
@@ -127,10 +132,21 @@ def estimate_lung_fields(
     sides, credible = [], []
     for side in (0, 1):
         best = _best_component(labels, n, mid, side, (h, w))
-        est = convex_hull_image(labels == best) if best else empty.copy()
-        credible.append(_credible(est, (labels == best).sum() if best else 0, mid, side, cfg))
+        comp = labels == best if best else empty
+        est = convex_hull_image(comp) if best else empty.copy()
+        walled = _rim_fraction(comp, core) <= cfg.max_rim
+        credible.append(walled and _credible(est, int(comp.sum()), mid, side, cfg))
         sides.append(est)
     return FieldEstimate((sides[0], sides[1]), (credible[0], credible[1]), mid, body)
+
+
+def _rim_fraction(comp: np.ndarray, core: np.ndarray) -> float:
+    """Fraction of the outline of ``comp`` ``[H, W]`` within one pixel of the edge of ``core``."""
+    edge = comp & ~ndimage.binary_erosion(comp)
+    if not edge.any():
+        return 1.0
+    rim = ndimage.binary_dilation(core & ~ndimage.binary_erosion(core))
+    return float((edge & rim).sum() / edge.sum())
 
 
 def _credible(
