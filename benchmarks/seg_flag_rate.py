@@ -74,10 +74,16 @@ def main() -> None:
     cov = np.array([r.quality.field_coverage for r in results])
     gap = np.array([r.quality.base_gap_ratio for r in results])
     out = np.array([r.quality.outside_body for r in results])
+
+    def stat(values: np.ndarray, fn) -> str:
+        """``fn`` over the defined values, 'n/a' when none is."""
+        ok = values[~np.isnan(values)]
+        return f"{fn(ok):.2f}" if ok.size else "n/a"
+
     print(
-        f"  lung-field measures: coverage min {np.nanmin(cov):.2f} (median {np.nanmedian(cov):.2f},"
-        f" {int(np.isnan(cov).sum())} films without a credible estimate), base-gap ratio max "
-        f"{np.nanmax(gap):.2f}, outside-body max {np.nanmax(out):.2f}"
+        f"  lung-field measures: coverage min {stat(cov, np.min)} (median "
+        f"{stat(cov, np.median)}, {int(np.isnan(cov).sum())} films without a credible estimate),"
+        f" base-gap ratio max {stat(gap, np.max)}, outside-body max {stat(out, np.max)}"
     )
     total = sum(per_site.values(), Counter())
     for site, c in [*sorted(per_site.items()), ("all", total)]:
