@@ -168,7 +168,7 @@ def main() -> None:
             page.screenshot(path=f"{args.prefix}_runs.png")
             run_id = eval_run["info"]["run_id"]
             page.goto(f"{base}/#/experiments/{exp_id}/runs/{run_id}")
-            page.wait_for_timeout(4000)
+            page.wait_for_timeout(8000)  # the parent/child run links load last
             page.screenshot(path=f"{args.prefix}_eval_run.png")
             _shoot_heatmaps(page, base, exp_id, run_id, f"{args.prefix}_eval_heatmaps.png")
             page.goto(f"{base}/#/experiments/{exp_id}/models")
