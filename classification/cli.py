@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from classification.isnet_loss import ISNetLossConfig
 from classification.methods import METHOD_NAMES
 from classification.model_card import card_path
 from classification.train import TrainConfig, load_splits, train
@@ -26,7 +27,9 @@ train_app = typer.Typer(
 def train_command(
     manifest: Path = typer.Option(..., help="Manifest CSV (image,label,site[,mask,split,...])."),
     method: str = typer.Option("standard", help=f"One of: {', '.join(METHOD_NAMES)}."),
-    variant: str = typer.Option("selective", help="ISNet heatmaps: selective|stochastic|original."),
+    variant: str = typer.Option(
+        ISNetLossConfig.variant, help="ISNet heatmaps: stochastic|selective|original."
+    ),
     params: str = typer.Option(
         "{}", help='Extra method parameters as JSON, e.g. \'{"P": 0.5, "warmup_epochs": 2}\'.'
     ),

@@ -52,7 +52,9 @@ class ISNetLossConfig:
         C2: upper bound (>= C1).
         eps: LRP epsilon.
         variant: which outputs are explained: "original" (all classes), "selective" (softmax
-            log-odds of the lowest-logit class) or "stochastic" (a random logit).
+            log-odds of the lowest-logit class) or "stochastic" (a random logit; the default:
+            flatter and at least as accurate as selective on the bias benchmark, see
+            docs/isnet-results.md rounds 3, 5 and 6).
         huber_upper: make the upper foreground penalty linear above ``C1 + C2``.
         heatmap_layer: None = heatmaps at the input (the paper's); a module name = exact LRP
             relevance at that module's output, summed over channels, with the mask max-pooled to
@@ -70,7 +72,7 @@ class ISNetLossConfig:
     C1: float = 1.0
     C2: float = 25.0
     eps: float = 0.01
-    variant: str = "selective"
+    variant: str = "stochastic"
     huber_upper: bool = False
     heatmap_layer: str | None = None
     input_bounds: tuple[float, float] | None = (0.0, 1.0)

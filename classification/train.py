@@ -46,7 +46,7 @@ from monai.utils import set_determinism
 from torch import Tensor, nn
 
 from classification.data import AUGMENT_POLICIES, AugmentConfig, build_dataset, build_loader
-from classification.isnet_loss import make_selector, tune_c1_c2
+from classification.isnet_loss import ISNetLossConfig, make_selector, tune_c1_c2
 from classification.lrp import lrp_heatmaps
 from classification.methods import ISNet, Method, build_method
 from classification.model_card import ModelCardWriter, training_summary
@@ -489,7 +489,7 @@ def tune_isnet_constants(
     loader: Iterable[dict[str, Any]],
     epochs: int = 5,
     *,
-    variant: str = "selective",
+    variant: str = ISNetLossConfig.variant,
     eps: float = 0.01,
     lr: float = 1e-3,
     device: str | torch.device = "cpu",

@@ -159,7 +159,7 @@ class StudyConfig:
         MethodSpec("standard"),
         MethodSpec("segment_then_classify"),
         MethodSpec("rrr"),
-        MethodSpec("isnet", {"variant": "selective"}),
+        MethodSpec("isnet", {"variant": "stochastic"}),
     )
     seeds: tuple[int, ...] = (0,)
     train: dict[str, Any] = field(default_factory=dict)
