@@ -9,7 +9,10 @@ plus the method's own loss ``val_loss``, see :class:`ValidationLoss`); the model
 ``TrainConfig.select`` (ISNet: lowest validation ISNet loss, others: best accuracy; see
 :func:`resolve_select`) is saved as a plain state dict (``best_model.pt``, load with
 ``weights_only=True``);
-model, optimizer and trainer state are saved each epoch so an interrupted run resumes.
+model, optimizer and trainer state are saved each epoch so an interrupted run resumes. The
+random streams (shuffling, augmentation, dropout, the ISNet selector) are not saved: a resumed
+run is a valid run of the same config, not bit-identical to an uninterrupted one (measured in
+docs/study.md, "Three seeds").
 
 The same factory functions build the objects for :func:`train` (Python / CLI) and for the bundle
 config ``configs/train.json``.
