@@ -36,6 +36,15 @@ FAKE_PATIENT = {
 }
 
 
+def chest_like(rng: np.random.Generator, n: int = 64) -> np.ndarray:
+    """A smooth 12-bit ``[n, n]`` image with two dark lung-like ovals on a bright body."""
+    yy, xx = np.mgrid[0:n, 0:n] / n
+    body = 2600 + 600 * np.exp(-((xx - 0.5) ** 2) / 0.08)
+    for cx in (0.32, 0.68):
+        body -= 1800 * (((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)
+    return np.clip(body + rng.normal(0, 60, (n, n)), 0, 4095).astype(np.uint16)
+
+
 def write_cxr_dicom(
     path: str | Path,
     pixels: np.ndarray,

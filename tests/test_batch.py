@@ -19,7 +19,7 @@ from classification.model_card import (
 )
 from classification.models import build_backbone
 from pipeline.batch import ERROR_COLUMNS, prediction_columns, run_batch
-from tests.dicom_factory import write_cxr_dicom
+from tests.dicom_factory import chest_like, write_cxr_dicom
 
 SIZE = 32
 CLASSES = ["normal", "pneumonia", "covid"]
@@ -45,15 +45,6 @@ def planted(i: int) -> dict[str, str]:
         "PatientBirthDate": f"1899041{i}",
         "AccessionNumber": f"ACCQZ{i}Y5519",
     }
-
-
-def chest_like(rng: np.random.Generator, n: int = 64) -> np.ndarray:
-    """A smooth 12-bit ``[n, n]`` image with two dark lung-like ovals on a bright body."""
-    yy, xx = np.mgrid[0:n, 0:n] / n
-    body = 2600 + 600 * np.exp(-((xx - 0.5) ** 2) / 0.08)
-    for cx in (0.32, 0.68):
-        body -= 1800 * (((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1)
-    return np.clip(body + rng.normal(0, 60, (n, n)), 0, 4095).astype(np.uint16)
 
 
 def make_tree(root: Path, seed: int = 0) -> Path:
