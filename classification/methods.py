@@ -179,6 +179,12 @@ class ISNet:
         """Tell the method which (1-based) epoch is being trained (for the ``P`` warm-up)."""
         self.epoch = int(epoch)
 
+    def reseed(self, seed: int) -> None:
+        """Re-seed the stochastic selector's generator (other variants draw nothing)."""
+        generator = getattr(self.selector, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(int(seed))
+
     def with_constants(self, C1: float, C2: float) -> ISNet:
         """A copy of this method with new foreground constants (e.g. from auto-tuning)."""
         new = ISNet(

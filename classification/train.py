@@ -10,9 +10,9 @@ plus the method's own loss ``val_loss``, see :class:`ValidationLoss`); the model
 :func:`resolve_select`) is saved as a plain state dict (``best_model.pt``, load with
 ``weights_only=True``);
 model, optimizer and trainer state are saved each epoch so an interrupted run resumes. The
-random streams (shuffling, augmentation, dropout, the ISNet selector) are not saved: a resumed
-run is a valid run of the same config, not bit-identical to an uninterrupted one (measured in
-docs/study.md, "Three seeds").
+random streams (shuffling, augmentation, dropout, the ISNet selector) are re-seeded from
+``(seed, epoch)`` at the start of every epoch (:class:`EpochSeeder`), so a resumed run is
+bit-identical to an uninterrupted one (``tests/test_train_resume.py``).
 
 The same factory functions build the objects for :func:`train` (Python / CLI) and for the bundle
 config ``configs/train.json``.
@@ -24,17 +24,20 @@ Files written to ``out_dir``: ``best_model.pt``, ``best_metric.json``, ``last_mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import random
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
@@ -59,6 +62,7 @@ from cxr_io.manifest import class_names, load_manifest, to_records
 __all__ = [
     "BestStateDictSaver",
     "EpochReporter",
+    "EpochSeeder",
     "MethodIteration",
     "MethodPrepareBatch",
     "ResumeCheckpointer",
@@ -81,6 +85,7 @@ __all__ = [
     "resolve_augment",
     "resolve_select",
     "share_method_constants",
+    "torch_threads",
     "train",
     "tune_isnet_constants",
 ]
@@ -122,6 +127,8 @@ class TrainConfig:
     ``auto`` (ISNet: :data:`ISNET_AUGMENT`, others ``full``); see :func:`resolve_augment`.
     ``select``: which epoch's weights become ``best_model.pt``: one of :data:`SELECT_CRITERIA`
     or ``auto`` (ISNet: :data:`ISNET_SELECT`, others ``val_acc``); see :func:`resolve_select`.
+    ``threads``: PyTorch intra-op threads while this run trains (0: leave PyTorch's setting);
+    float sums depend on it, so a fixed value makes a run repeatable on any machine size.
     """
 
     method: str = "standard"
@@ -143,6 +150,7 @@ class TrainConfig:
     select: str = "auto"
     cache: bool = False
     num_workers: int = 0
+    threads: int = 0
     tune_constants: bool = True
     tune_epochs: int = 5
     device: str = "cpu"
@@ -411,6 +419,56 @@ class ResumeCheckpointer:
             epoch_level=True,
             n_saved=1,
         ).attach(engine)
+
+
+class EpochSeeder:
+    """Trainer handler: at the start of every epoch, seeds every random stream the epoch draws
+    from with a value made of ``seed`` and the epoch number: PyTorch's global generator
+    (shuffling, dropout), NumPy's and Python's, the MONAI random transforms of ``transform``
+    (augmentation) and the method's own (``method.reseed``: the ISNet's stochastic selector).
+
+    An epoch's draws then depend only on ``(seed, epoch)``, so a run resumed from the checkpoint
+    of epoch N draws exactly what the uninterrupted run drew in epoch N + 1 (no generator state
+    needs saving). Attach it before anything that draws at ``EPOCH_STARTED``; ignite creates the
+    epoch's data iterator (and so the shuffle order) after the ``EPOCH_STARTED`` handlers.
+    """
+
+    def __init__(self, seed: int, transform: Any = None, method: Any = None) -> None:
+        self.seed = int(seed)
+        self.transform = transform
+        self.method = method
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def epoch_seed(self, epoch: int) -> int:
+        """The seed of (1-based) ``epoch``: distinct for every (seed, epoch) pair, < 2**32."""
+        return (self.seed * 1_000_003 + int(epoch)) % (2**32)
+
+    def __call__(self, engine: Engine) -> None:
+        s = self.epoch_seed(engine.state.epoch)
+        torch.manual_seed(s)
+        np.random.seed(s)  # noqa: NPY002 (the global stream, as set_determinism seeds it)
+        random.seed(s)
+        set_random_state = getattr(self.transform, "set_random_state", None)
+        if callable(set_random_state):
+            set_random_state(seed=s)
+        reseed = getattr(self.method, "reseed", None)
+        if callable(reseed):
+            reseed(s)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to ``n`` inside the block (``n <= 0``: unchanged),
+    restored after it."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class EpochReporter:
@@ -760,6 +818,32 @@ def train(
         extra_handlers: more trainer handlers (e.g. to stop early).
         progress: called with a one-line summary after each epoch.
     """
+    with torch_threads(cfg.threads):
+        return _train(
+            train_records,
+            val_records,
+            cfg,
+            out_dir,
+            num_classes=num_classes,
+            classes=classes,
+            resume=resume,
+            extra_handlers=extra_handlers,
+            progress=progress,
+        )
+
+
+def _train(
+    train_records: Sequence[dict[str, Any]],
+    val_records: Sequence[dict[str, Any]],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    num_classes: int,
+    classes: Sequence[str] | None,
+    resume: bool,
+    extra_handlers: Sequence[Any],
+    progress: Callable[[str], None] | None,
+) -> TrainResult:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_determinism(seed=cfg.seed)
@@ -810,7 +894,8 @@ def train(
     )
     evaluator = None
     best_saver = None
-    handlers: list[Any] = []
+    # first: every random stream of the epoch is seeded before anything draws from it
+    handlers: list[Any] = [EpochSeeder(cfg.seed, getattr(train_ds, "transform", None), method)]
     if val_records:
         val_ds = build_dataset(
             val_records, cfg.size, need_masks=method.needs_masks, augment=None, cache=cfg.cache

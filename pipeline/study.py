@@ -8,6 +8,7 @@ A study (:class:`StudyConfig`, read from a JSON file in ``configs/``) runs:
    ``masks="segmenter"``);
 3. training: every (fold, method, seed) on the training sites' ``train`` rows, model selection on
    their ``val`` rows (a finished model is reused when the study is run again: resumable);
+   with ``workers`` > 1, that many models train at once, each in its own process;
 4. evaluation: every model on the internal test split, each external site and each bias set,
    with bootstrap CIs over patients, LRP background-relevance metrics, and paired bootstrap tests
    of ISNet against each comparator;
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from classification.train import (
     TrainResult,
     resolve_augment,
     resolve_select,
+    torch_threads,
     train,
 )
 from cxr_io.manifest import class_names, load_manifest, select, to_records
@@ -146,6 +150,10 @@ class StudyConfig:
         segmenter: the lung U-Net checkpoint used for missing masks.
         n_boot: bootstrap resamples for CIs and paired tests.
         heatmap_examples: images per heatmap grid.
+        workers: models trained at once, each in its own process (its training log goes to
+            stdout). Give ``train.threads`` too (PyTorch threads per model, e.g. 1 with 2
+            workers on 2 cores): results then do not depend on ``workers``; with
+            ``train.threads`` 0 each process takes ``cores // workers`` threads.
     """
 
     name: str = "synthetic-cross-site"
@@ -167,6 +175,7 @@ class StudyConfig:
     segmenter: str = ""
     n_boot: int = 500
     heatmap_examples: int = 4
+    workers: int = 1
 
     def __post_init__(self) -> None:
         problems = _config_problems(self)
@@ -272,6 +281,8 @@ def _config_problems(cfg: StudyConfig) -> list[str]:
         out.append(f"segmenter must be a path (string), got {cfg.segmenter!r}")
     if not _is_int(cfg.n_boot) or cfg.n_boot < 1:
         out.append(f"n_boot must be a positive integer, got {cfg.n_boot!r}")
+    if not _is_int(cfg.workers) or cfg.workers < 1:
+        out.append(f"workers must be an integer >= 1, got {cfg.workers!r}")
     if not _is_int(cfg.heatmap_examples) or cfg.heatmap_examples < 0:
         out.append(f"heatmap_examples must be an integer >= 0, got {cfg.heatmap_examples!r}")
     s = cfg.synthetic
@@ -605,6 +616,8 @@ def run_study(
     classes = class_names(df)
     folds = plan_folds(cfg, df)
     base_train = TrainConfig(**cfg.train)
+    if cfg.workers > 1:
+        _train_in_parallel(cfg, folds, base_train, out, classes, log)
     rows: list[dict[str, Any]] = []
     probs_by: dict[tuple[str, str, int, str], Predictions] = {}
     examples: dict[str, list] = {}
@@ -618,55 +631,48 @@ def run_study(
                 f"{fold.name}: train on {', '.join(fold.train_sites)} ({len(fold.train)} images,"
                 f" {len(fold.val)} val); test on {', '.join(e.name for e in fold.evals)}"
             )
-            for spec in cfg.methods:
-                for seed in cfg.seeds:
-                    tcfg = replace(
-                        base_train, method=spec.name, method_params=spec.params, seed=seed
+            for spec, seed, tcfg, run_dir in _planned_runs(cfg, fold, base_train, out):
+                params = {"fold": fold.name, **asdict(tcfg)}
+                rows_train, rows_val = fold.training_rows(spec)
+                params["train_data"] = spec.train_data
+                with tracker.training_run(spec.display, seed, params, rows_train) as tr:
+                    history = _train_once(
+                        train,
+                        tcfg,
+                        (rows_train, rows_val),
+                        classes,
+                        run_dir,
+                        log,
+                        f"{spec.display}/seed{seed}",
                     )
-                    # keyed by the config: a changed config trains anew, the same one is reused
-                    key = _config_key(tcfg)
-                    run_dir = out / "models" / fold.name / f"{spec.display}-seed{seed}-{key}"
-                    params = {"fold": fold.name, **asdict(tcfg)}
-                    rows_train, rows_val = fold.training_rows(spec)
-                    params["train_data"] = spec.train_data
-                    with tracker.training_run(spec.display, seed, params, rows_train) as tr:
-                        history = _train_once(
-                            train,
-                            tcfg,
-                            (rows_train, rows_val),
-                            classes,
-                            run_dir,
-                            log,
-                            f"{spec.display}/seed{seed}",
+                    for row in history:
+                        step = int(row["epoch"])
+                        tr.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step)
+                    model, card = load_model(run_dir / "best_model.pt")
+                    model_id = tr.log_pyfunc_model(run_dir, name=spec.display)
+                    tr.log_model_folder(run_dir)
+                    predictor = Predictor(model, card)  # masks come from the manifest
+                    for ev in fold.evals:
+                        keep = cfg.heatmap_examples
+                        pred, metrics = _evaluate_on(
+                            tracker, tr, model_id, predictor, ev, classes, tcfg, cfg, keep
                         )
-                        for row in history:
-                            step = int(row["epoch"])
-                            tr.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step)
-                        model, card = load_model(run_dir / "best_model.pt")
-                        model_id = tr.log_pyfunc_model(run_dir, name=spec.display)
-                        tr.log_model_folder(run_dir)
-                        predictor = Predictor(model, card)  # masks come from the manifest
-                        for ev in fold.evals:
-                            keep = cfg.heatmap_examples
-                            pred, metrics = _evaluate_on(
-                                tracker, tr, model_id, predictor, ev, classes, tcfg, cfg, keep
+                        rows.append(
+                            {
+                                "fold": fold.name,
+                                "method": spec.display,
+                                "seed": seed,
+                                "dataset": ev.name,
+                                "kind": ev.kind,
+                                **metrics,
+                            }
+                        )
+                        probs_by[(fold.name, spec.display, seed, ev.name)] = pred
+                        if pred.examples:
+                            examples.setdefault(f"{fold.name}/{ev.name}", []).append(
+                                (spec.display, pred.examples)
                             )
-                            rows.append(
-                                {
-                                    "fold": fold.name,
-                                    "method": spec.display,
-                                    "seed": seed,
-                                    "dataset": ev.name,
-                                    "kind": ev.kind,
-                                    **metrics,
-                                }
-                            )
-                            probs_by[(fold.name, spec.display, seed, ev.name)] = pred
-                            if pred.examples:
-                                examples.setdefault(f"{fold.name}/{ev.name}", []).append(
-                                    (spec.display, pred.examples)
-                                )
-                            log(_summary_line(spec.display, ev.name, metrics))
+                        log(_summary_line(spec.display, ev.name, metrics))
         results = pd.DataFrame(rows)
         paired = _paired_tests(cfg, folds, probs_by, classes)
         report, markdown, conclusion, caption = _write_evidence(
@@ -793,6 +799,70 @@ def _text_key(text: str) -> str:
 
 def _config_key(tcfg: TrainConfig) -> str:
     return _text_key(json.dumps(asdict(tcfg), sort_keys=True, default=str))
+
+
+def _planned_runs(
+    cfg: StudyConfig, fold: Fold, base_train: TrainConfig, out: Path
+) -> Iterator[tuple[MethodSpec, int, TrainConfig, Path]]:
+    """``(method, seed, training config, model folder)`` of every model of ``fold``; the folder
+    is keyed by the config (a changed config trains anew, the same one is reused)."""
+    for spec in cfg.methods:
+        for seed in cfg.seeds:
+            tcfg = replace(base_train, method=spec.name, method_params=spec.params, seed=seed)
+            key = _config_key(tcfg)
+            yield spec, seed, tcfg, out / "models" / fold.name / f"{spec.display}-seed{seed}-{key}"
+
+
+#: training cost order for the parallel phase (most expensive first, so no worker idles at the
+#: end waiting for the one ISNet left)
+_COST_ORDER = {"isnet": 0, "rrr": 1}
+
+
+def _train_in_parallel(
+    cfg: StudyConfig,
+    folds: Sequence[Fold],
+    base_train: TrainConfig,
+    out: Path,
+    classes: Sequence[str],
+    log: Callable[[str], None],
+) -> None:
+    """Train every unfinished model of the study, ``cfg.workers`` at a time, each in a spawned
+    process (:func:`_train_job`); the study loop then finds them finished and reuses them. On the
+    first failure the queued jobs are cancelled and the error is raised (finished models stay)."""
+    jobs = []
+    for fold in folds:
+        for spec, seed, tcfg, run_dir in _planned_runs(cfg, fold, base_train, out):
+            if not (run_dir / "done.json").is_file():
+                tag = f"{fold.name}/{spec.display}/seed{seed}"
+                jobs.append((tcfg, fold.training_rows(spec), classes, run_dir, tag))
+    if not jobs:
+        return
+    jobs.sort(key=lambda job: _COST_ORDER.get(job[0].method, 2))
+    threads = base_train.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
+    log(f"training {len(jobs)} models, {cfg.workers} at a time ({threads} thread(s) each)")
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context) as pool:
+        futures = {pool.submit(_train_job, *job, threads): job[-1] for job in jobs}
+        try:
+            for future in as_completed(futures):
+                future.result()
+                log(f"  {futures[future]}: trained")
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _train_job(
+    tcfg: TrainConfig,
+    rows: tuple[pd.DataFrame, pd.DataFrame],
+    classes: Sequence[str],
+    run_dir: Path,
+    tag: str,
+    threads: int,
+) -> None:
+    """One model of the parallel phase, in a worker process (log lines to stdout)."""
+    with torch_threads(threads):
+        _train_once(train, tcfg, rows, classes, run_dir, lambda line: print(line, flush=True), tag)
 
 
 def _train_once(

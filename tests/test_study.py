@@ -238,3 +238,31 @@ def test_study_against_real_mlflow_server(tiny_data, tmp_path, mlflow_server, mo
     (seg_manifest,) = (tmp_path / "out" / "masks").glob("manifest0-*/manifest.csv")
     seg = pd.read_csv(seg_manifest, dtype=str)
     assert (seg["mask_source"] != "given").all() and seg["mask"].str.contains("masks/").all()
+
+
+def test_parallel_training_gives_the_serial_results(tiny_data, tmp_path):
+    """workers=2 trains the models in two spawned processes; with the threads per model fixed,
+    every number equals the serial study's, and each model was trained once."""
+    methods = ["standard", {"name": "isnet", "params": {"variant": "stochastic"}}]
+    results = {}
+    for workers in (1, 2):
+        cfg = replace(
+            _config(tiny_data, methods, f"tiny-workers{workers}"),
+            train={**TINY_TRAIN, "epochs": 2, "threads": 1},
+            workers=workers,
+        )
+        lines: list[str] = []
+        res = run_study(cfg, tmp_path / f"w{workers}", command="pytest", log=lines.append)
+        results[workers] = res.results
+        trained_here = [ln for ln in lines if ": training (" in ln]
+        assert len(trained_here) == (2 if workers == 1 else 0), lines
+        if workers == 2:
+            assert any("2 models, 2 at a time (1 thread(s) each)" in ln for ln in lines)
+            assert sum(": reusing the finished model" in ln for ln in lines) == 2
+    cols = ["method", "dataset", "auroc_macro", "balanced_accuracy", "background_share"]
+    pd.testing.assert_frame_equal(results[1][cols], results[2][cols])
+
+
+def test_workers_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        StudyConfig.from_dict({"workers": 0})

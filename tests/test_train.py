@@ -353,3 +353,56 @@ def test_best_saver_min_mode_keeps_the_lowest(tmp_path) -> None:
     assert (saver.best, saver.best_epoch) == (0.5, 2)
     with pytest.raises(ValueError, match="mode"):
         BestStateDictSaver(model, tmp_path, mode="lowest")
+
+
+class _StopAfterEpoch:
+    """Simulates an interruption after epoch ``n`` (after its checkpoint is written)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(once=self.n), lambda e: e.terminate())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(method="standard", augment="full"),  # shuffling, affine + intensity, dropout
+        dict(method="isnet", method_params={"variant": "stochastic"}, tune_epochs=1),  # selector
+    ],
+    ids=["standard-full-augment", "isnet-stochastic"],
+)
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(splits, tmp_path, kw) -> None:
+    cfg = _cfg(epochs=3, **kw)
+    whole = train(splits["train"], splits["val"], cfg, tmp_path / "whole", num_classes=3)
+    out = tmp_path / "cut"
+    cut = train(
+        splits["train"],
+        splits["val"],
+        cfg,
+        out,
+        num_classes=3,
+        extra_handlers=[_StopAfterEpoch(2)],
+    )
+    assert cut.epochs_done == 2
+    # a fresh process would start from other global random states: scramble them
+    torch.manual_seed(12345)
+    resumed = train(splits["train"], splits["val"], cfg, out, num_classes=3, resume=True)
+    assert resumed.epochs_done == 3
+    for name in ("last_model.pt", "best_model.pt"):
+        a = torch.load(tmp_path / "whole" / name, weights_only=True)
+        b = torch.load(out / name, weights_only=True)
+        assert _same(a, b), name
+    assert whole.history[-1] == {**resumed.history[-1], "seconds": whole.history[-1]["seconds"]}
+
+
+def test_torch_threads_sets_and_restores() -> None:
+    from classification.train import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0):
+        assert torch.get_num_threads() == before
