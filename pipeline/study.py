@@ -631,7 +631,7 @@ def run_study(
                 f"{fold.name}: train on {', '.join(fold.train_sites)} ({len(fold.train)} images,"
                 f" {len(fold.val)} val); test on {', '.join(e.name for e in fold.evals)}"
             )
-            for spec, seed, tcfg, run_dir in _planned_runs(cfg, fold, base_train, out):
+            for spec, seed, tcfg, run_dir in planned_runs(cfg, fold, base_train, out):
                 params = {"fold": fold.name, **asdict(tcfg)}
                 rows_train, rows_val = fold.training_rows(spec)
                 params["train_data"] = spec.train_data
@@ -801,7 +801,7 @@ def _config_key(tcfg: TrainConfig) -> str:
     return _text_key(json.dumps(asdict(tcfg), sort_keys=True, default=str))
 
 
-def _planned_runs(
+def planned_runs(
     cfg: StudyConfig, fold: Fold, base_train: TrainConfig, out: Path
 ) -> Iterator[tuple[MethodSpec, int, TrainConfig, Path]]:
     """``(method, seed, training config, model folder)`` of every model of ``fold``; the folder
@@ -831,7 +831,7 @@ def _train_in_parallel(
     first failure the queued jobs are cancelled and the error is raised (finished models stay)."""
     jobs = []
     for fold in folds:
-        for spec, seed, tcfg, run_dir in _planned_runs(cfg, fold, base_train, out):
+        for spec, seed, tcfg, run_dir in planned_runs(cfg, fold, base_train, out):
             if not (run_dir / "done.json").is_file():
                 tag = f"{fold.name}/{spec.display}/seed{seed}"
                 jobs.append((tcfg, fold.training_rows(spec), classes, run_dir, tag))
