@@ -616,8 +616,8 @@ def run_study(
     classes = class_names(df)
     folds = plan_folds(cfg, df)
     base_train = TrainConfig(**cfg.train)
-    if cfg.workers > 1:
-        _train_in_parallel(cfg, folds, base_train, out, classes, log)
+    if cfg.workers > 1:  # else each model trains inside its MLflow run below
+        train_models(cfg, folds, base_train, out, classes, log)
     rows: list[dict[str, Any]] = []
     probs_by: dict[tuple[str, str, int, str], Predictions] = {}
     examples: dict[str, list] = {}
@@ -818,7 +818,7 @@ def planned_runs(
 _COST_ORDER = {"isnet": 0, "rrr": 1}
 
 
-def _train_in_parallel(
+def train_models(
     cfg: StudyConfig,
     folds: Sequence[Fold],
     base_train: TrainConfig,
@@ -826,15 +826,20 @@ def _train_in_parallel(
     classes: Sequence[str],
     log: Callable[[str], None],
 ) -> None:
-    """Train every unfinished model of the study, ``cfg.workers`` at a time, each in a spawned
-    process (:func:`_train_job`); the study loop then finds them finished and reuses them. On the
-    first failure the queued jobs are cancelled and the error is raised (finished models stay)."""
+    """Train every unfinished model of the study into its folder (:func:`planned_runs`): one
+    after the other in this process with ``cfg.workers`` 1, else ``cfg.workers`` at a time, each
+    in a spawned process (:func:`_train_job`). On the first failure the queued jobs are cancelled
+    and the error is raised; finished models stay and are reused by the next run."""
     jobs = []
     for fold in folds:
         for spec, seed, tcfg, run_dir in planned_runs(cfg, fold, base_train, out):
             if not (run_dir / "done.json").is_file():
                 tag = f"{fold.name}/{spec.display}/seed{seed}"
                 jobs.append((tcfg, fold.training_rows(spec), classes, run_dir, tag))
+    if cfg.workers == 1:
+        for tcfg, rows, classes_, run_dir, tag in jobs:
+            _train_once(train, tcfg, rows, classes_, run_dir, log, tag)
+        return
     if not jobs:
         return
     jobs.sort(key=lambda job: _COST_ORDER.get(job[0].method, 2))

@@ -1,0 +1,85 @@
+"""Summarise a multi-seed study folder: the tables docs/study.md quotes.
+
+Reads ``OUT/results.csv`` and ``OUT/paired_tests.csv`` of ``isnet-cxr study run ... --set
+'study_def#seeds=[0,1,2]'`` and prints (1) macro AUROC mean +- SD over seeds with the mean
+balanced accuracy, per method and dataset; (2) ISNet minus each comparator, macro AUROC, paired
+by seed: mean +- SD of the per-seed differences and in how many seeds the per-seed 95% patient
+bootstrap CI excludes 0 (and on which side).
+
+    python benchmarks/study_seed_summary.py outputs/study
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+DATASETS = (
+    "hospital-a-biased",
+    "hospital-a-unbiased",
+    "hospital-a-confounding",
+    "hospital-c",
+    "hospital-d",
+)
+
+
+def auroc_table(results: pd.DataFrame) -> pd.DataFrame:
+    """``method x dataset`` cells ``mean +- SD (balanced accuracy)`` over seeds."""
+    g = results.groupby(["method", "dataset"])
+    cells = (
+        g["auroc_macro"].mean().map("{:.3f}".format)
+        + " +- "
+        + g["auroc_macro"].std().map("{:.3f}".format)
+        + " ("
+        + g["balanced_accuracy"].mean().map("{:.2f}".format)
+        + ")"
+    )
+    table = cells.unstack("dataset")
+    return table[[d for d in DATASETS if d in table.columns]]
+
+
+def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
+    """``dataset x comparator`` cells ``mean +- SD (k of n; below/above)`` of per-seed
+    differences (ISNet minus comparator)."""
+
+    def cell(rows: pd.DataFrame) -> str:
+        below = int((rows["ci_high"] < 0).sum())
+        above = int((rows["ci_low"] > 0).sum())
+        d = rows["difference"]
+        sd = d.std() if len(d) > 1 else float("nan")
+        return f"{d.mean():+.3f} +- {sd:.3f} ({below} below 0, {above} above, of {len(d)})"
+
+    table = paired.groupby(["dataset", "comparator"]).apply(cell, include_groups=False)
+    table = table.unstack("comparator")
+    return table.reindex([d for d in DATASETS if d in table.index])
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A pipe table (no optional dependency)."""
+    head = "| | " + " | ".join(map(str, table.columns)) + " |"
+    lines = [head, "|---" * (len(table.columns) + 1) + "|"]
+    for name, row in table.iterrows():
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    out = Path(args[0])
+    results = pd.read_csv(out / "results.csv")
+    paired = pd.read_csv(out / "paired_tests.csv")
+    seeds = sorted(int(s) for s in results["seed"].unique())
+    print(f"seeds {seeds}; macro AUROC mean +- SD (mean balanced accuracy)")
+    print(markdown(auroc_table(results)))
+    print("\nISNet minus comparator, macro AUROC, per-seed differences")
+    print(markdown(paired_table(paired)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
