@@ -12,7 +12,7 @@ plus the method's own loss ``val_loss``, see :class:`ValidationLoss`); the model
 model, optimizer and trainer state are saved each epoch so an interrupted run resumes. The
 random streams (shuffling, augmentation, dropout, the ISNet selector) are re-seeded from
 ``(seed, epoch)`` at the start of every epoch (:class:`EpochSeeder`), so a resumed run is
-bit-identical to an uninterrupted one (``tests/test_train_resume.py``).
+bit-identical to an uninterrupted one (``tests/test_train.py``).
 
 The same factory functions build the objects for :func:`train` (Python / CLI) and for the bundle
 config ``configs/train.json``.
@@ -24,20 +24,17 @@ Files written to ``out_dir``: ``best_model.pt``, ``best_metric.json``, ``last_mo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import random
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
@@ -57,12 +54,12 @@ from classification.lrp import lrp_heatmaps
 from classification.methods import ISNet, Method, build_method
 from classification.model_card import ModelCardWriter, training_summary
 from classification.models import build_backbone
+from cxr_io.determinism import EpochSeeder, torch_threads
 from cxr_io.manifest import class_names, load_manifest, to_records
 
 __all__ = [
     "BestStateDictSaver",
     "EpochReporter",
-    "EpochSeeder",
     "MethodIteration",
     "MethodPrepareBatch",
     "ResumeCheckpointer",
@@ -85,7 +82,6 @@ __all__ = [
     "resolve_augment",
     "resolve_select",
     "share_method_constants",
-    "torch_threads",
     "train",
     "tune_isnet_constants",
 ]
@@ -419,56 +415,6 @@ class ResumeCheckpointer:
             epoch_level=True,
             n_saved=1,
         ).attach(engine)
-
-
-class EpochSeeder:
-    """Trainer handler: at the start of every epoch, seeds every random stream the epoch draws
-    from with a value made of ``seed`` and the epoch number: PyTorch's global generator
-    (shuffling, dropout), NumPy's and Python's, the MONAI random transforms of ``transform``
-    (augmentation) and the method's own (``method.reseed``: the ISNet's stochastic selector).
-
-    An epoch's draws then depend only on ``(seed, epoch)``, so a run resumed from the checkpoint
-    of epoch N draws exactly what the uninterrupted run drew in epoch N + 1 (no generator state
-    needs saving). Attach it before anything that draws at ``EPOCH_STARTED``; ignite creates the
-    epoch's data iterator (and so the shuffle order) after the ``EPOCH_STARTED`` handlers.
-    """
-
-    def __init__(self, seed: int, transform: Any = None, method: Any = None) -> None:
-        self.seed = int(seed)
-        self.transform = transform
-        self.method = method
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-
-    def epoch_seed(self, epoch: int) -> int:
-        """The seed of (1-based) ``epoch``: distinct for every (seed, epoch) pair, < 2**32."""
-        return (self.seed * 1_000_003 + int(epoch)) % (2**32)
-
-    def __call__(self, engine: Engine) -> None:
-        s = self.epoch_seed(engine.state.epoch)
-        torch.manual_seed(s)
-        np.random.seed(s)  # noqa: NPY002 (the global stream, as set_determinism seeds it)
-        random.seed(s)
-        set_random_state = getattr(self.transform, "set_random_state", None)
-        if callable(set_random_state):
-            set_random_state(seed=s)
-        reseed = getattr(self.method, "reseed", None)
-        if callable(reseed):
-            reseed(s)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """PyTorch's intra-op thread count set to ``n`` inside the block (``n <= 0``: unchanged),
-    restored after it."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class EpochReporter:

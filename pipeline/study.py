@@ -41,9 +41,9 @@ from classification.train import (
     TrainResult,
     resolve_augment,
     resolve_select,
-    torch_threads,
     train,
 )
+from cxr_io.determinism import torch_threads
 from cxr_io.manifest import class_names, load_manifest, select, to_records
 from cxr_io.readers import surfaced_read_errors
 from cxr_io.resources import default_segmenter

@@ -105,8 +105,9 @@ class ResumableCheckpoint:
 
     Saved: network and optimizer state dicts, the trainer's state (epoch, iteration) and the
     :class:`BestCheckpoint` score. Writes are atomic (temporary file + rename), so an interruption
-    while saving leaves the previous ``last.pt`` intact. Random-number states are not saved: a
-    resumed run is deterministic from the resume point on, not identical to an uninterrupted one.
+    while saving leaves the previous ``last.pt`` intact. Random-number states need no saving: the
+    bundle's :class:`cxr_io.determinism.EpochSeeder` seeds every epoch's streams from
+    ``(seed, epoch)``, so a resumed run is bit-identical to an uninterrupted one.
 
     Args:
         path: the ``last.pt`` file.

@@ -113,6 +113,14 @@ def test_resume_continues_from_the_saved_epoch(dataset, tmp_path):
     assert resumer.resumed_from_epoch == 1
     assert seen == [2]  # epoch 1 is not trained again
     assert _saved_epoch(tmp_path / "models" / "last.pt") == 2
+    # bit-identical to an uninterrupted 2-epoch run (every epoch's random streams are seeded
+    # from (seed, epoch): cxr_io.determinism.EpochSeeder)
+    whole = _train_workflow(dataset, tmp_path / "whole", epochs=2)
+    whole.run()
+    whole.finalize()
+    a = torch.load(tmp_path / "models" / "last.pt", weights_only=True)["network"]
+    b = torch.load(tmp_path / "whole" / "models" / "last.pt", weights_only=True)["network"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # resume=False starts over
     wf3 = _train_workflow(dataset, tmp_path, epochs=1, resume=False)
     wf3.run()

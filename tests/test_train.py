@@ -398,7 +398,7 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(splits, tmp_path
 
 
 def test_torch_threads_sets_and_restores() -> None:
-    from classification.train import torch_threads
+    from cxr_io.determinism import torch_threads
 
     before = torch.get_num_threads()
     with torch_threads(1):
