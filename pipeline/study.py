@@ -153,7 +153,8 @@ class StudyConfig:
         workers: models trained at once, each in its own process (its training log goes to
             stdout). Give ``train.threads`` too (PyTorch threads per model, e.g. 1 with 2
             workers on 2 cores): results then do not depend on ``workers``; with
-            ``train.threads`` 0 each process takes ``cores // workers`` threads.
+            ``train.threads`` 0 each process takes ``cores // workers`` threads. The models'
+            MLflow training runs are then opened after all of them trained.
     """
 
     name: str = "synthetic-cross-site"
@@ -835,10 +836,10 @@ def train_models(
         for spec, seed, tcfg, run_dir in planned_runs(cfg, fold, base_train, out):
             if not (run_dir / "done.json").is_file():
                 tag = f"{fold.name}/{spec.display}/seed{seed}"
-                jobs.append((tcfg, fold.training_rows(spec), classes, run_dir, tag))
+                jobs.append((tcfg, fold.training_rows(spec), run_dir, tag))
     if cfg.workers == 1:
-        for tcfg, rows, classes_, run_dir, tag in jobs:
-            _train_once(train, tcfg, rows, classes_, run_dir, log, tag)
+        for tcfg, rows, run_dir, tag in jobs:
+            _train_once(train, tcfg, rows, classes, run_dir, log, tag)
         return
     if not jobs:
         return
@@ -847,7 +848,10 @@ def train_models(
     log(f"training {len(jobs)} models, {cfg.workers} at a time ({threads} thread(s) each)")
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context) as pool:
-        futures = {pool.submit(_train_job, *job, threads): job[-1] for job in jobs}
+        futures = {
+            pool.submit(_train_job, tcfg, rows, classes, run_dir, tag, threads): tag
+            for tcfg, rows, run_dir, tag in jobs
+        }
         try:
             for future in as_completed(futures):
                 future.result()
