@@ -206,6 +206,7 @@ def run_one(name: str, seed: int, args, splits, test_sets, out: Path) -> dict:
         select=args.select,
         cache=True,
         tune_epochs=args.tune_epochs,
+        init_from=args.init_from.format(seed=seed) if args.init_from else "",
     )
     t0 = time.perf_counter()
     res = train(
@@ -375,6 +376,12 @@ def main() -> None:
     ap.add_argument("--isnet-params", default='{"variant": "selective"}', help="JSON")
     ap.add_argument("--rrr-lam", type=float, default=10.0)
     ap.add_argument("--tune-epochs", type=int, default=3)
+    ap.add_argument(
+        "--init-from",
+        default="",
+        help="start every network from this state dict ({seed} is replaced by the seed), e.g. "
+        "OUT/run_standard_s{seed}/best_model.pt of an earlier invocation (fine-tuning)",
+    )
     ap.add_argument(
         "--reference-from",
         type=Path,

@@ -125,6 +125,9 @@ class TrainConfig:
     or ``auto`` (ISNet: :data:`ISNET_SELECT`, others ``val_acc``); see :func:`resolve_select`.
     ``threads``: PyTorch intra-op threads while this run trains (0: leave PyTorch's setting);
     float sums depend on it, so a fixed value makes a run repeatable on any machine size.
+    ``init_from``: a state dict of the same backbone (another run's ``best_model.pt``) the network
+    starts from instead of a random initialisation (fine-tuning); empty: random. The ISNet's
+    C1/C2 are still tuned on a freshly initialised plain network.
     """
 
     method: str = "standard"
@@ -147,6 +150,7 @@ class TrainConfig:
     cache: bool = False
     num_workers: int = 0
     threads: int = 0
+    init_from: str = ""
     tune_constants: bool = True
     tune_epochs: int = 5
     device: str = "cpu"
@@ -835,6 +839,8 @@ def _train(
         seed=cfg.seed,
     )
     network = model_factory().to(device)
+    if cfg.init_from:
+        network.load_state_dict(torch.load(cfg.init_from, map_location=device, weights_only=True))
     optimizer = make_optimizer(
         network.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay
     )

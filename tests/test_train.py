@@ -406,3 +406,22 @@ def test_torch_threads_sets_and_restores() -> None:
     assert torch.get_num_threads() == before
     with torch_threads(0):
         assert torch.get_num_threads() == before
+
+
+def test_init_from_starts_from_the_given_weights(splits, tmp_path) -> None:
+    first = train(splits["train"], [], _cfg(epochs=1), tmp_path / "a", num_classes=3)
+    start = torch.load(first.last_model, weights_only=True)
+    spy = _Spy()
+    cfg = _cfg(epochs=1, seed=4, init_from=str(first.last_model))
+    train(splits["train"], [], cfg, tmp_path / "b", num_classes=3, extra_handlers=[spy])
+    assert _same(spy.start_weights, start)
+    fresh = _Spy()
+    train(
+        splits["train"],
+        [],
+        _cfg(epochs=1, seed=4),
+        tmp_path / "c",
+        num_classes=3,
+        extra_handlers=[fresh],
+    )
+    assert not _same(fresh.start_weights, start)
