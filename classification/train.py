@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -41,7 +42,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, PrepareBatch
-from monai.handlers import ROCAUC, CheckpointLoader, CheckpointSaver, ValidationHandler
+from monai.handlers import ROCAUC, CheckpointLoader, ValidationHandler
 from monai.inferers import SimpleInferer
 from monai.transforms import Activationsd
 from monai.utils import CommonKeys as Keys
@@ -386,9 +387,15 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
 
 
 class ResumeCheckpointer:
-    """Trainer handler: saves model + optimizer + trainer state every epoch with MONAI's
-    ``CheckpointSaver`` (keeping the latest), and with ``resume`` loads the latest one with MONAI's
-    ``CheckpointLoader`` when the trainer starts, so the epoch counter continues."""
+    """Trainer handler: saves model + optimizer + trainer state after every epoch (keeping the
+    latest), and with ``resume`` loads the latest one with MONAI's ``CheckpointLoader`` when the
+    trainer starts, so the epoch counter continues.
+
+    Each checkpoint is written to a temporary file and renamed into place (MONAI's
+    ``CheckpointSaver`` writes in place: a run killed while saving left a truncated checkpoint
+    that the next resume could not load); only then is the previous one removed. Under
+    ``torch.distributed`` only rank 0 writes.
+    """
 
     def __init__(
         self, save_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, resume: bool
@@ -400,7 +407,6 @@ class ResumeCheckpointer:
         self.loaded_from: Path | None = None
 
     def attach(self, engine: Engine) -> None:
-        save_dict = {"model": self.model, "optimizer": self.optimizer, "trainer": engine}
         if self.resume:
             path = latest_checkpoint(self.save_dir)
             if path is None:
@@ -409,16 +415,30 @@ class ResumeCheckpointer:
                 )
             else:
                 self.loaded_from = path
-                CheckpointLoader(load_path=str(path), load_dict=save_dict).attach(engine)
+                load_dict = {"model": self.model, "optimizer": self.optimizer, "trainer": engine}
+                CheckpointLoader(load_path=str(path), load_dict=load_dict).attach(engine)
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        CheckpointSaver(
-            save_dir=str(self.save_dir),
-            save_dict=save_dict,
-            file_prefix=CHECKPOINT_PREFIX,
-            save_interval=1,
-            epoch_level=True,
-            n_saved=1,
-        ).attach(engine)
+        for stale in self.save_dir.glob(f".{CHECKPOINT_PREFIX}_checkpoint_epoch=*.pt.tmp"):
+            stale.unlink(missing_ok=True)  # a write cut short by a kill
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def save(self, engine: Engine) -> None:
+        """Write ``resume_checkpoint_epoch=N.pt`` atomically, then drop the older ones."""
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        name = f"{CHECKPOINT_PREFIX}_checkpoint_epoch={engine.state.epoch}.pt"
+        path = self.save_dir / name
+        tmp = path.with_name(f".{name}.tmp")
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": engine.state_dict(),
+        }
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        for old in self.save_dir.glob(f"{CHECKPOINT_PREFIX}_checkpoint_epoch=*.pt"):
+            if old != path:
+                old.unlink(missing_ok=True)
 
 
 class EpochReporter:

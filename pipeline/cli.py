@@ -222,6 +222,12 @@ def _run_study_config(config: Path, quick: bool, out: Path | None, overrides: li
             f"{exc}\nThe study's MLflow runs are marked FAILED; models already trained are kept, "
             "so running the same command again resumes."
         )
+    except KeyboardInterrupt:
+        _fail(
+            f"interrupted: the models trained so far in {out_dir / 'models'} are kept (each with "
+            "its last epoch checkpoint); run the same command again to resume",
+            130,
+        )
     typer.echo("")
     typer.echo(result.conclusion)
     typer.echo("")

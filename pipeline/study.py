@@ -26,7 +26,6 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -829,49 +828,46 @@ def train_models(
 ) -> None:
     """Train every unfinished model of the study into its folder (:func:`planned_runs`): one
     after the other in this process with ``cfg.workers`` 1, else ``cfg.workers`` at a time, each
-    in a spawned process (:func:`_train_job`). On the first failure the queued jobs are cancelled
-    and the error is raised; finished models stay and are reused by the next run."""
+    in a spawned process (:func:`_train_job`). On the first failure, or an interruption
+    (Ctrl-C), the worker processes are terminated and the error is raised; every model keeps its
+    last epoch checkpoint, so the next run resumes it (bit-identically)."""
     jobs = []
     for fold in folds:
         for spec, seed, tcfg, run_dir in planned_runs(cfg, fold, base_train, out):
             if not (run_dir / "done.json").is_file():
                 tag = f"{fold.name}/{spec.display}/seed{seed}"
-                jobs.append((tcfg, fold.training_rows(spec), run_dir, tag))
+                jobs.append((tcfg, fold.training_rows(spec), classes, run_dir, tag))
     if cfg.workers == 1:
-        for tcfg, rows, run_dir, tag in jobs:
-            _train_once(train, tcfg, rows, classes, run_dir, log, tag)
+        for job in jobs:
+            _train_once(train, *job[:4], log, job[4])
         return
     if not jobs:
         return
     jobs.sort(key=lambda job: _COST_ORDER.get(job[0].method, 2))
     threads = base_train.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
     log(f"training {len(jobs)} models, {cfg.workers} at a time ({threads} thread(s) each)")
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context) as pool:
-        futures = {
-            pool.submit(_train_job, tcfg, rows, classes, run_dir, tag, threads): tag
-            for tcfg, rows, run_dir, tag in jobs
-        }
-        try:
-            for future in as_completed(futures):
-                future.result()
-                log(f"  {futures[future]}: trained")
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    # spawn: no fork of a process holding torch threads
+    pool = multiprocessing.get_context("spawn").Pool(min(cfg.workers, len(jobs)))
+    try:
+        for tag in pool.imap_unordered(_train_job, [(*job, threads) for job in jobs]):
+            log(f"  {tag}: trained")
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def _train_job(
-    tcfg: TrainConfig,
-    rows: tuple[pd.DataFrame, pd.DataFrame],
-    classes: Sequence[str],
-    run_dir: Path,
-    tag: str,
-    threads: int,
-) -> None:
-    """One model of the parallel phase, in a worker process (log lines to stdout)."""
+    job: tuple[TrainConfig, tuple[pd.DataFrame, pd.DataFrame], Sequence[str], Path, str, int],
+) -> str:
+    """One model of the parallel phase, in a worker process (log lines to stdout); returns its
+    tag. ``job``: training config, (train, val) rows, classes, model folder, tag, threads."""
+    tcfg, rows, classes, run_dir, tag, threads = job
     with torch_threads(threads):
         _train_once(train, tcfg, rows, classes, run_dir, lambda line: print(line, flush=True), tag)
+    return tag
 
 
 def _train_once(

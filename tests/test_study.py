@@ -266,3 +266,81 @@ def test_parallel_training_gives_the_serial_results(tiny_data, tmp_path):
 def test_workers_must_be_a_positive_integer():
     with pytest.raises(ValueError, match="workers must be an integer >= 1"):
         StudyConfig.from_dict({"workers": 0})
+
+
+def test_ctrl_c_during_parallel_training_stops_at_once_and_the_rerun_resumes(tiny_data, tmp_path):
+    """``isnet-cxr study run`` with 2 workers, SIGINT to the main process while both models
+    train: exit 130 with a message saying how to resume, no worker process left; the same
+    command again resumes the interrupted models from their checkpoints and finishes."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    study_def = {
+        "name": "ctrl-c",
+        "manifests": [str(m) for m in tiny_data],
+        "external_sites": ["hospital-c"],
+        "methods": ["standard", {"name": "isnet", "params": {"variant": "stochastic"}}],
+        "train": {**TINY_TRAIN, "epochs": 40, "threads": 1},
+        "workers": 2,
+        "n_boot": 10,
+        "heatmap_examples": 0,
+    }
+    config = tmp_path / "study.json"
+    config.write_text(
+        json.dumps(
+            {
+                "imports": ["$import pipeline", "$import pipeline.study"],
+                "output_dir": str(tmp_path / "out"),
+                "study_def": study_def,
+                "study": "$pipeline.study.StudyConfig.from_dict(@study_def)",
+            }
+        )
+    )
+    root = Path(__file__).parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-c", "from pipeline.cli import app; app()", "study", "run", str(config)]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the workers can be looked for after
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    seen: list[str] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # until both models are past their first epochs
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if sum(" epoch 3/40 " in s for s in seen) == 2:
+            break
+    assert sum(" epoch 3/40 " in s for s in seen) == 2, "".join(seen[-20:])
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # the main process only, as `kill -INT` would
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - t0 < 60  # the workers were stopped, not waited for
+    assert "interrupted" in err and "run the same command again" in err
+    assert "Traceback" not in err
+    for _ in range(100):  # the terminated workers are gone
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("worker processes survived the interruption")
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count(": resuming (40 epochs)") == 2, again.stdout[-3000:]
