@@ -33,6 +33,8 @@ from pipeline.study import (
     train_models,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,7 +42,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     args = ap.parse_args()
 
-    raw = json.loads(Path("configs/study.json").read_text())["study_def"]
+    raw = json.loads((ROOT / "configs" / "study.json").read_text())["study_def"]
     raw["synthetic"] = {**raw["synthetic"], "n_per_site": args.n_per_site, "bias_test_n": 10}
     raw["masks"] = "manifest"  # ground-truth masks: no segmentation in the timing
     cfg = StudyConfig.from_dict(raw)

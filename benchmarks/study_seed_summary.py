@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from evaluation.report import markdown_table
+
 DATASETS = (
     "hospital-a-biased",
     "hospital-a-unbiased",
@@ -56,15 +58,6 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
     return table.reindex([d for d in DATASETS if d in table.index])
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """A pipe table (no optional dependency)."""
-    head = "| | " + " | ".join(map(str, table.columns)) + " |"
-    lines = [head, "|---" * (len(table.columns) + 1) + "|"]
-    for name, row in table.iterrows():
-        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -75,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     paired = pd.read_csv(out / "paired_tests.csv")
     seeds = sorted(int(s) for s in results["seed"].unique())
     print(f"seeds {seeds}; macro AUROC mean +- SD (mean balanced accuracy)")
-    print(markdown(auroc_table(results)))
+    print(markdown_table(auroc_table(results)))
     print("\nISNet minus comparator, macro AUROC, per-seed differences")
-    print(markdown(paired_table(paired)))
+    print(markdown_table(paired_table(paired), index_name="dataset"))
     return 0
 
 

@@ -789,144 +789,125 @@ def train(
         progress: called with a one-line summary after each epoch.
     """
     with torch_threads(cfg.threads):
-        return _train(
-            train_records,
-            val_records,
-            cfg,
-            out_dir,
-            num_classes=num_classes,
-            classes=classes,
-            resume=resume,
-            extra_handlers=extra_handlers,
-            progress=progress,
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        set_determinism(seed=cfg.seed)
+        device = torch.device(cfg.device)
+        probe = build_method(cfg.method, **cfg.method_params)
+        policy = resolve_augment(cfg)
+        select = resolve_select(cfg)
+        # C1/C2 are tuned on the deterministic transform: augmented images give other relevance
+        # totals (round 6: C1 2.69 augmented vs 9.79 plain) and a mis-scaled foreground term
+        tune_ds = build_dataset(
+            train_records, cfg.size, need_masks=probe.needs_masks, augment=None, cache=cfg.cache
         )
-
-
-def _train(
-    train_records: Sequence[dict[str, Any]],
-    val_records: Sequence[dict[str, Any]],
-    cfg: TrainConfig,
-    out_dir: str | Path,
-    *,
-    num_classes: int,
-    classes: Sequence[str] | None,
-    resume: bool,
-    extra_handlers: Sequence[Any],
-    progress: Callable[[str], None] | None,
-) -> TrainResult:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_determinism(seed=cfg.seed)
-    device = torch.device(cfg.device)
-    probe = build_method(cfg.method, **cfg.method_params)
-    policy = resolve_augment(cfg)
-    select = resolve_select(cfg)
-    # C1/C2 are tuned on the deterministic transform: augmented images give other relevance
-    # totals (round 6: C1 2.69 augmented vs 9.79 plain) and a mis-scaled foreground term
-    tune_ds = build_dataset(
-        train_records, cfg.size, need_masks=probe.needs_masks, augment=None, cache=cfg.cache
-    )
-    tune_loader = build_loader(tune_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
-    augment = AugmentConfig.from_policy(policy)
-    train_ds = (
-        tune_ds
-        if augment is None
-        else build_dataset(
-            train_records,
-            cfg.size,
-            need_masks=probe.needs_masks,
-            augment=augment,
-            cache=cfg.cache,
+        tune_loader = build_loader(
+            tune_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers
         )
-    )
-    train_loader = build_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
-
-    model_factory = backbone_factory(
-        cfg.backbone, num_classes, cfg.in_channels, cfg.dropout, cfg.width
-    )
-
-    method = make_method(
-        cfg.method,
-        cfg.method_params,
-        tune_constants=cfg.tune_constants,
-        tune_epochs=cfg.tune_epochs,
-        model_factory=model_factory,
-        loader=tune_loader,
-        out_dir=out,
-        resume=resume,
-        lr=cfg.lr,
-        device=device,
-        seed=cfg.seed,
-    )
-    network = model_factory().to(device)
-    if cfg.init_from:
-        network.load_state_dict(torch.load(cfg.init_from, map_location=device, weights_only=True))
-    optimizer = make_optimizer(
-        network.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay
-    )
-    evaluator = None
-    best_saver = None
-    # first: every random stream of the epoch is seeded before anything draws from it
-    handlers: list[Any] = [EpochSeeder(cfg.seed, getattr(train_ds, "transform", None), method)]
-    if val_records:
-        val_ds = build_dataset(
-            val_records, cfg.size, need_masks=method.needs_masks, augment=None, cache=cfg.cache
-        )
-        val_loader = build_loader(
-            val_ds, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers
-        )
-        val_handlers: list[Any] = [ValidationLoss(method, val_loader, device)]
-        if select != "last":
-            mode = "min" if select == "val_loss" else "max"
-            best_saver = BestStateDictSaver(network, out, select, resume=resume, mode=mode)
-            val_handlers.append(best_saver)
-        evaluator = make_evaluator(device, val_loader, network, method, val_handlers)
-        handlers.append(ValidationHandler(validator=evaluator, interval=1, epoch_level=True))
-    if classes is not None:
-        handlers.append(
-            ModelCardWriter(
-                out,
-                backbone=cfg.backbone,
-                size=cfg.size,
-                classes=classes,
-                method=method,
-                in_channels=cfg.in_channels,
-                width=cfg.width,
-                training=training_summary(train_records, val_records, seed=cfg.seed),
+        augment = AugmentConfig.from_policy(policy)
+        train_ds = (
+            tune_ds
+            if augment is None
+            else build_dataset(
+                train_records,
+                cfg.size,
+                need_masks=probe.needs_masks,
+                augment=augment,
+                cache=cfg.cache,
             )
         )
-    reporter = EpochReporter(method, evaluator, progress)
-    handlers.append(reporter)
-    handlers.append(ResumeCheckpointer(out / CHECKPOINT_DIR, network, optimizer, resume))
-    handlers.extend(extra_handlers)
-    (out / "train_config.json").write_text(
-        json.dumps(
-            {
-                **asdict(cfg),
-                "num_classes": num_classes,
-                "augment_policy": policy,
-                "select_by": select,
-            },
-            indent=2,
-            default=str,
+        train_loader = build_loader(
+            train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers
         )
-    )
-    trainer = make_trainer(
-        device, cfg.epochs, train_loader, network, optimizer, method, handlers, cfg.grad_clip
-    )
-    trainer.run()
-    torch.save(network.state_dict(), out / LAST_MODEL)
-    if best_saver is None:
-        torch.save(network.state_dict(), out / BEST_MODEL)
-    constants = (method.cfg.C1, method.cfg.C2) if isinstance(method, ISNet) else None
-    return TrainResult(
-        out_dir=out,
-        best_model=out / BEST_MODEL,
-        last_model=out / LAST_MODEL,
-        best_metric=None if best_saver is None else best_saver.best,
-        epochs_done=int(trainer.state.epoch),
-        constants=constants,
-        history=reporter.history,
-        select=select,
-        best_epoch=int(trainer.state.epoch) if best_saver is None else best_saver.best_epoch,
-    )
+
+        model_factory = backbone_factory(
+            cfg.backbone, num_classes, cfg.in_channels, cfg.dropout, cfg.width
+        )
+
+        method = make_method(
+            cfg.method,
+            cfg.method_params,
+            tune_constants=cfg.tune_constants,
+            tune_epochs=cfg.tune_epochs,
+            model_factory=model_factory,
+            loader=tune_loader,
+            out_dir=out,
+            resume=resume,
+            lr=cfg.lr,
+            device=device,
+            seed=cfg.seed,
+        )
+        network = model_factory().to(device)
+        if cfg.init_from:
+            network.load_state_dict(
+                torch.load(cfg.init_from, map_location=device, weights_only=True)
+            )
+        optimizer = make_optimizer(
+            network.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay
+        )
+        evaluator = None
+        best_saver = None
+        # first: every random stream of the epoch is seeded before anything draws from it
+        handlers: list[Any] = [EpochSeeder(cfg.seed, getattr(train_ds, "transform", None), method)]
+        if val_records:
+            val_ds = build_dataset(
+                val_records, cfg.size, need_masks=method.needs_masks, augment=None, cache=cfg.cache
+            )
+            val_loader = build_loader(
+                val_ds, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers
+            )
+            val_handlers: list[Any] = [ValidationLoss(method, val_loader, device)]
+            if select != "last":
+                mode = "min" if select == "val_loss" else "max"
+                best_saver = BestStateDictSaver(network, out, select, resume=resume, mode=mode)
+                val_handlers.append(best_saver)
+            evaluator = make_evaluator(device, val_loader, network, method, val_handlers)
+            handlers.append(ValidationHandler(validator=evaluator, interval=1, epoch_level=True))
+        if classes is not None:
+            handlers.append(
+                ModelCardWriter(
+                    out,
+                    backbone=cfg.backbone,
+                    size=cfg.size,
+                    classes=classes,
+                    method=method,
+                    in_channels=cfg.in_channels,
+                    width=cfg.width,
+                    training=training_summary(train_records, val_records, seed=cfg.seed),
+                )
+            )
+        reporter = EpochReporter(method, evaluator, progress)
+        handlers.append(reporter)
+        handlers.append(ResumeCheckpointer(out / CHECKPOINT_DIR, network, optimizer, resume))
+        handlers.extend(extra_handlers)
+        (out / "train_config.json").write_text(
+            json.dumps(
+                {
+                    **asdict(cfg),
+                    "num_classes": num_classes,
+                    "augment_policy": policy,
+                    "select_by": select,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        trainer = make_trainer(
+            device, cfg.epochs, train_loader, network, optimizer, method, handlers, cfg.grad_clip
+        )
+        trainer.run()
+        torch.save(network.state_dict(), out / LAST_MODEL)
+        if best_saver is None:
+            torch.save(network.state_dict(), out / BEST_MODEL)
+        constants = (method.cfg.C1, method.cfg.C2) if isinstance(method, ISNet) else None
+        return TrainResult(
+            out_dir=out,
+            best_model=out / BEST_MODEL,
+            last_model=out / LAST_MODEL,
+            best_metric=None if best_saver is None else best_saver.best,
+            epochs_done=int(trainer.state.epoch),
+            constants=constants,
+            history=reporter.history,
+            select=select,
+            best_epoch=int(trainer.state.epoch) if best_saver is None else best_saver.best_epoch,
+        )

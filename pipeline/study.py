@@ -27,8 +27,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -818,6 +819,16 @@ def planned_runs(
 _COST_ORDER = {"isnet": 0, "rrr": 1}
 
 
+class _TrainJob(NamedTuple):
+    """One model to train: its config, ``(train, val)`` rows, class names, folder and log tag."""
+
+    tcfg: TrainConfig
+    rows: tuple[pd.DataFrame, pd.DataFrame]
+    classes: Sequence[str]
+    run_dir: Path
+    tag: str
+
+
 def train_models(
     cfg: StudyConfig,
     folds: Sequence[Fold],
@@ -836,20 +847,20 @@ def train_models(
         for spec, seed, tcfg, run_dir in planned_runs(cfg, fold, base_train, out):
             if not (run_dir / "done.json").is_file():
                 tag = f"{fold.name}/{spec.display}/seed{seed}"
-                jobs.append((tcfg, fold.training_rows(spec), classes, run_dir, tag))
+                jobs.append(_TrainJob(tcfg, fold.training_rows(spec), classes, run_dir, tag))
     if cfg.workers == 1:
         for job in jobs:
-            _train_once(train, *job[:4], log, job[4])
+            _train_once(train, job.tcfg, job.rows, job.classes, job.run_dir, log, job.tag)
         return
     if not jobs:
         return
-    jobs.sort(key=lambda job: _COST_ORDER.get(job[0].method, 2))
+    jobs.sort(key=lambda job: _COST_ORDER.get(job.tcfg.method, 2))
     threads = base_train.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
     log(f"training {len(jobs)} models, {cfg.workers} at a time ({threads} thread(s) each)")
     # spawn: no fork of a process holding torch threads
     pool = multiprocessing.get_context("spawn").Pool(min(cfg.workers, len(jobs)))
     try:
-        for tag in pool.imap_unordered(_train_job, [(*job, threads) for job in jobs]):
+        for tag in pool.imap_unordered(_train_job, [(job, threads) for job in jobs]):
             log(f"  {tag}: trained")
         pool.close()
     except BaseException:
@@ -859,15 +870,14 @@ def train_models(
         pool.join()
 
 
-def _train_job(
-    job: tuple[TrainConfig, tuple[pd.DataFrame, pd.DataFrame], Sequence[str], Path, str, int],
-) -> str:
-    """One model of the parallel phase, in a worker process (log lines to stdout); returns its
-    tag. ``job``: training config, (train, val) rows, classes, model folder, tag, threads."""
-    tcfg, rows, classes, run_dir, tag, threads = job
+def _train_job(job_threads: tuple[_TrainJob, int]) -> str:
+    """One model of the parallel phase, in a worker process with ``threads`` PyTorch threads
+    (log lines to stdout); returns its tag."""
+    job, threads = job_threads
+    log = partial(print, flush=True)
     with torch_threads(threads):
-        _train_once(train, tcfg, rows, classes, run_dir, lambda line: print(line, flush=True), tag)
-    return tag
+        _train_once(train, job.tcfg, job.rows, job.classes, job.run_dir, log, job.tag)
+    return job.tag
 
 
 def _train_once(
