@@ -838,6 +838,11 @@ def train(
             seed=cfg.seed,
         )
         network = model_factory().to(device)
+        if cfg.init_from and not Path(cfg.init_from).is_file():
+            raise FileNotFoundError(
+                f"init_from: {cfg.init_from} is not a file; give the best_model.pt (a state dict) "
+                f"of an earlier {cfg.backbone} run, or leave init_from empty for a random start"
+            )
         if cfg.init_from:
             network.load_state_dict(
                 torch.load(cfg.init_from, map_location=device, weights_only=True)

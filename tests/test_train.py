@@ -425,3 +425,22 @@ def test_init_from_starts_from_the_given_weights(splits, tmp_path) -> None:
         extra_handlers=[fresh],
     )
     assert not _same(fresh.start_weights, start)
+
+
+def test_init_from_a_missing_file_is_refused_by_name(splits, tmp_path) -> None:
+    missing = tmp_path / "no_such_run" / "best_model.pt"
+    with pytest.raises(FileNotFoundError, match=r"init_from: .*no_such_run.*best_model\.pt"):
+        train(splits["train"], [], _cfg(init_from=str(missing)), tmp_path / "r", num_classes=3)
+
+
+def test_a_checkpoint_write_cut_short_is_ignored_and_cleared(splits, tmp_path) -> None:
+    """A kill while saving leaves only a hidden temporary file (checkpoints are renamed into
+    place): the resume ignores it, the next run removes it, one checkpoint stays."""
+    out = tmp_path / "run"
+    train(splits["train"], [], _cfg(epochs=1), out, num_classes=3)
+    stale = out / "checkpoints" / ".resume_checkpoint_epoch=2.pt.tmp"
+    stale.write_bytes(b"truncated")
+    assert latest_checkpoint(out / "checkpoints").name == "resume_checkpoint_epoch=1.pt"
+    res = train(splits["train"], [], _cfg(epochs=2), out, num_classes=3, resume=True)
+    assert res.epochs_done == 2 and not stale.exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["resume_checkpoint_epoch=2.pt"]
