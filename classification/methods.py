@@ -154,7 +154,10 @@ class ISNet:
     loss on the channel-summed relevance at that module's output, with the mask max-pooled to its
     size. ``warmup_epochs`` > 0 ramps ``P`` linearly from 0 (epoch 1) to
     ``cfg.P`` (epoch ``warmup_epochs + 1``); the training loop reports the epoch through
-    :meth:`set_epoch`.
+    :meth:`set_epoch`. ``lung_only_prob`` > 0 replaces each training image, with that
+    probability, by its lung-masked version ``image * mask`` (drawn from PyTorch's global
+    generator, which the training loop seeds per epoch): those images carry the finding but no
+    background, so their cross-entropy pulls towards lung features; validation never masks.
     """
 
     name = "isnet"
@@ -167,11 +170,15 @@ class ISNet:
         generator: torch.Generator | None = None,
         *,
         warmup_epochs: int = 0,
+        lung_only_prob: float = 0.0,
     ) -> None:
+        if not 0.0 <= lung_only_prob <= 1.0:
+            raise ValueError(f"ISNet lung_only_prob must be in [0, 1], got {lung_only_prob}")
         self.cfg = cfg if cfg is not None else ISNetLossConfig()
         self.generator = generator
         self.selector = make_selector(self.cfg.variant, generator=generator)
         self.warmup_epochs = int(warmup_epochs)
+        self.lung_only_prob = float(lung_only_prob)
         self.epoch = 1
         self.create_graph = True  # second-order graph for training; False for validation
 
@@ -191,6 +198,7 @@ class ISNet:
             replace(self.cfg, C1=float(C1), C2=float(C2)),
             self.generator,
             warmup_epochs=self.warmup_epochs,
+            lung_only_prob=self.lung_only_prob,
         )
         new.epoch = self.epoch
         return new
@@ -209,6 +217,8 @@ class ISNet:
         self, model: nn.Module, images: Tensor, labels: Tensor, masks: Tensor | None
     ) -> MethodOutput:
         masks = _require_masks(self.name, masks, images)
+        if self.lung_only_prob > 0:
+            images = self.lung_only(images, masks)
         P = self.current_P
         out = isnet_losses(
             model,
@@ -228,6 +238,13 @@ class ISNet:
             "P": P,
         }
         return MethodOutput(out.total, out.logits, parts)
+
+    def lung_only(self, images: Tensor, masks: Tensor) -> Tensor:
+        """``images`` ``[B, C, H, W]`` with each sample replaced by ``image * mask`` with
+        probability ``lung_only_prob`` (masks ``[B, 1, H, W]``)."""
+        pick = torch.rand(images.shape[0], device=images.device) < self.lung_only_prob
+        pick = pick.view(-1, *([1] * (images.dim() - 1)))
+        return torch.where(pick, images * masks.to(images.dtype), images)
 
     def for_validation(self, seed: int = 0) -> ISNet:
         """A copy for validation: the full ``cfg.P`` (no warm-up) and, for the stochastic
@@ -249,7 +266,8 @@ def build_method(name: str, **params: Any) -> Method:
     - ``standard``, ``segment_then_classify``: no parameters.
     - ``rrr``: ``lam`` (default 10).
     - ``isnet``: any :class:`ISNetLossConfig` field (``variant``, ``P``, ``C1``, ``C2``, ``eps``,
-      ...), plus ``seed`` (for the stochastic selector's generator) and ``warmup_epochs``.
+      ...), plus ``seed`` (for the stochastic selector's generator), ``warmup_epochs`` and
+      ``lung_only_prob``.
     """
     key = name.lower().replace("-", "_")
     if key == "standard":
@@ -267,16 +285,18 @@ def build_method(name: str, **params: Any) -> Method:
         params = dict(params)
         seed = params.pop("seed", None)
         warmup = int(params.pop("warmup_epochs", 0))
+        lung_only = float(params.pop("lung_only_prob", 0.0))
         unknown = set(params) - _ISNET_CFG_FIELDS
         if unknown:
+            extra = {"seed", "warmup_epochs", "lung_only_prob"}
             raise ValueError(
                 f"unknown parameter(s) for method 'isnet': {sorted(unknown)}; "
-                f"known: {sorted(_ISNET_CFG_FIELDS | {'seed', 'warmup_epochs'})}"
+                f"known: {sorted(_ISNET_CFG_FIELDS | extra)}"
             )
         gen = None
         if seed is not None:
             gen = torch.Generator().manual_seed(int(seed))
-        return ISNet(ISNetLossConfig(**params), gen, warmup_epochs=warmup)
+        return ISNet(ISNetLossConfig(**params), gen, warmup_epochs=warmup, lung_only_prob=lung_only)
     raise ValueError(f"unknown method '{name}'; choose one of {', '.join(METHOD_NAMES)}")
 
 

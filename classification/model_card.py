@@ -279,6 +279,8 @@ def method_params_of(method: Method) -> dict[str, Any]:
         params = asdict(method.cfg)
         if method.warmup_epochs:
             params["warmup_epochs"] = method.warmup_epochs
+        if method.lung_only_prob:
+            params["lung_only_prob"] = method.lung_only_prob
         return _json_safe(params)
     if isinstance(method, RRR):
         return {"lam": float(method.lam)}

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from classification.models import build_backbone
+from cxr_io.determinism import EpochSeeder
 from tests.test_train import SIZE, make_tiny_manifest
 
 pytestmark = pytest.mark.slow  # end to end through real engines
@@ -34,6 +35,7 @@ PER_RANK_DUMP = (
     "'iterations': @train#trainer.state.iteration, "
     "'samples': len(@train#sampler), "
     "'world': dist.get_world_size(), "
+    "'torch_seed': torch.initial_seed(), "
     "'val': {k: float(v) for k, v in @validate#evaluator.state.metrics.items()}, "
     "'constants': [getattr(getattr(@train#method, 'cfg', None), k, None) for k in ('C1', 'C2')]}, "
     "@output_dir + '/rank' + str(@rank) + '_final.pt')"
@@ -116,6 +118,10 @@ def test_classifier_ddp_two_processes(dataset, tmp_path, method) -> None:
     # validation metrics (reduced over the two validation shards)
     _assert_same_weights(ranks[0]["state"], ranks[1]["state"])
     assert ranks[0]["val"] == ranks[1]["val"] and "val_acc" in ranks[0]["val"]
+    # the ranks drew their own augmentation / dropout / selection streams (EpochSeeder mixes
+    # in the rank); rank 0 drew what a single process draws
+    assert ranks[0]["torch_seed"] == EpochSeeder(1).epoch_seed(1)
+    assert ranks[1]["torch_seed"] == EpochSeeder(1).epoch_seed(1, rank=1) != ranks[0]["torch_seed"]
 
     # one best checkpoint, written by rank 0, equal to the final weights (one epoch)
     assert sorted(out.rglob("best_model.pt")) == [out / "best_model.pt"]
@@ -166,6 +172,9 @@ def test_segmentation_ddp_two_processes(dataset, tmp_path) -> None:
     assert [r["samples"] for r in ranks] == [N_TRAIN // WORLD] * WORLD
     _assert_same_weights(ranks[0]["state"], ranks[1]["state"])
     assert ranks[0]["val"] == ranks[1]["val"] and "val_mean_dice" in ranks[0]["val"]
+    assert [r["torch_seed"] for r in ranks] == [
+        EpochSeeder(1).epoch_seed(1, rank=r) for r in (0, 1)
+    ]
     models = out / "models"
     assert sorted(out.rglob("model.pt")) == [models / "model.pt"]
     _assert_same_weights(torch.load(models / "model.pt", weights_only=True), ranks[0]["state"])

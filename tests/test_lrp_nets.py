@@ -42,6 +42,7 @@ def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
 NETS = {
     "small_cnn": (lambda: build_backbone("small_cnn", 3), 16),
     "small_cnn_deep": (lambda: build_backbone("small_cnn_deep", 3), 32),
+    "small_cnn_max": (lambda: build_backbone("small_cnn_max", 3), 16),
     "densenet_like": (_small_densenet, 16),
     "densenet121": (lambda: build_backbone("densenet121", 3), 32),
     "resnet18": (lambda: build_backbone("resnet18", 3), 32),
@@ -80,7 +81,7 @@ def _bias_free(net: nn.Module) -> nn.Module:
     return net.eval()
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "small_cnn_deep", "densenet_like"])
+@pytest.mark.parametrize("name", ["small_cnn", "small_cnn_deep", "small_cnn_max", "densenet_like"])
 @pytest.mark.parametrize("bounds", [None, (0.0, 1.0)])
 def test_conservation_on_bias_free_nets(name, bounds):
     torch.manual_seed(0)

@@ -262,3 +262,25 @@ def test_isnet_for_validation_uses_full_P_and_no_second_order_graph() -> None:
     assert val.current_P == method.cfg.P and val.create_graph is False
     out = val.loss(_model().eval(), images, labels, masks)
     assert out.parts["P"] == method.cfg.P
+
+
+def test_isnet_lung_only_prob_masks_training_images_only() -> None:
+    images, labels, masks = _batch()
+    method = build_method("isnet", variant="selective", lung_only_prob=1.0)
+    masked = method.lung_only(images, masks)
+    torch.testing.assert_close(masked, images * masks)
+    assert torch.equal(build_method("isnet", lung_only_prob=0.0).lung_only(images, masks), images)
+    torch.manual_seed(0)
+    half = build_method("isnet", lung_only_prob=0.5).lung_only(images, masks)
+    is_masked = [torch.equal(half[i], images[i] * masks[i]) for i in range(len(images))]
+    assert 0 < sum(is_masked) < len(images)  # seeded: some of each
+    # the training loss sees the masked images: same as the plain method given image * mask
+    model = _model()
+    out = method.loss(model, images, labels, masks)
+    plain = build_method("isnet", variant="selective").loss(model, images * masks, labels, masks)
+    assert float(out.loss) == pytest.approx(float(plain.loss), rel=1e-6)
+    # validation and tuned copies: validation never masks, the tuned copy keeps the option
+    assert method.for_validation().lung_only_prob == 0.0
+    assert method.with_constants(1.0, 2.0).lung_only_prob == 1.0
+    with pytest.raises(ValueError, match="lung_only_prob"):
+        build_method("isnet", lung_only_prob=1.5)

@@ -10,6 +10,7 @@ from torch import nn
 from classification.lrp import check_lrp_ready, lrp_heatmaps
 from classification.models import (
     LRPReadyResNetBlock,
+    SmallCNN,
     build_backbone,
     make_lrp_ready,
 )
@@ -63,6 +64,7 @@ def test_resnet_blocks_get_two_relus():
         ("small_cnn", 64),
         ("small_cnn", 128),
         ("small_cnn_deep", 64),
+        ("small_cnn_max", 64),
         ("resnet18", 64),
         ("densenet121", 64),
     ],
@@ -99,6 +101,26 @@ def test_small_cnn_deep_sees_the_whole_image_where_small_cnn_sees_part():
     assert _receptive_extent(deep, 64) == (64, 64)
     rows, cols = _receptive_extent(build_backbone("small_cnn", 3), 64)
     assert rows < 40 and cols < 40
+
+
+def test_small_cnn_max_explains_through_one_position_per_feature():
+    torch.manual_seed(0)
+    net = build_backbone("small_cnn_max", 3, dropout=0.0).double().eval()
+    assert isinstance(net.pool, nn.AdaptiveMaxPool2d)
+    x = torch.rand(1, 1, 32, 32, dtype=torch.float64)
+    _, R = lrp_heatmaps(net, x, lambda lg: lg[:, :1], eps=0.0, at="features.relu3")
+    nonzero = (R[0, 0].abs() > 0).flatten(1).sum(dim=1)  # positions per channel
+    assert int(nonzero.max()) == 1 and int(nonzero.sum()) > 0
+    _, R_avg = lrp_heatmaps(
+        build_backbone("small_cnn", 3, dropout=0.0).double().eval(),
+        x,
+        lambda lg: lg[:, :1],
+        eps=0.0,
+        at="features.relu3",
+    )
+    assert int((R_avg[0, 0].abs() > 0).flatten(1).sum(dim=1).max()) > 1
+    with pytest.raises(ValueError, match="head_pool"):
+        SmallCNN(3, head_pool="median")
 
 
 def test_build_backbone_rejects_unknown_name():
