@@ -25,6 +25,7 @@ from monai.transforms import (
     Resized,
 )
 
+from classification.inputs import resize_mask
 from cxr_io.readers import LoadCXRd, LoadMaskd
 
 __all__ = [
@@ -114,8 +115,9 @@ def build_transforms(
     """Loading, resizing to ``size x size`` and optional augmentation.
 
     Image: read by :class:`cxr_io.readers.LoadCXRd` (DICOM/PNG/... to ``[1, H, W]`` in [0, 1]),
-    resized with area interpolation. Mask: :class:`cxr_io.readers.LoadMaskd`, resized with nearest
-    neighbour (stays binary). The affine augmentation draws one transform per sample and applies
+    resized with area interpolation. Mask: :class:`cxr_io.readers.LoadMaskd`, resized by
+    :func:`classification.inputs.resize_mask` (a pixel is lung if any part of it is; stays
+    binary), as at inference. The affine augmentation draws one transform per sample and applies
     it to both (bilinear for the image, nearest for the mask), zero padding outside.
     """
 
@@ -128,7 +130,7 @@ def build_transforms(
     xs.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
     xs.append(Resized(keys=["image"], spatial_size=(size, size), mode="area"))
     if with_mask:
-        xs.append(Resized(keys=["mask"], spatial_size=(size, size), mode="nearest"))
+        xs.append(Lambdad(keys=["mask"], func=partial(resize_mask, size=size)))
     if augment is not None and augment.geometric:
         a = augment
         xs.append(

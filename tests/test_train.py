@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
@@ -265,6 +266,38 @@ def test_augment_policies_build_the_named_transforms() -> None:
     assert {RandAffined, RandScaleIntensityd} <= kinds("full")
     with pytest.raises(ValueError, match="unknown augmentation policy"):
         AugmentConfig.from_policy("strong")
+
+
+def test_mask_resize_keeps_a_finding_at_the_lung_border_inside() -> None:
+    from classification.inputs import resize_image, resize_mask
+
+    # 16 px film, lung in columns 1-6; a finding in columns 1-2 (inside the lung); 4 px input
+    lung = np.zeros((16, 16), dtype=bool)
+    lung[:, 1:7] = True
+    finding = np.zeros((16, 16), dtype=np.float32)
+    finding[4:12, 1:3] = 0.3
+    small = resize_image(torch.from_numpy(finding)[None], 4)[0]
+    near = torch.nn.functional.interpolate(
+        torch.from_numpy(lung.astype(np.float32))[None, None], size=(4, 4), mode="nearest"
+    )[0, 0]
+    assert float((small * near).sum()) == 0.0  # nearest neighbour dropped the whole finding
+    mask = resize_mask(lung, 4)
+    assert mask.shape == (1, 4, 4) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert float((small * mask[0]).sum()) == pytest.approx(float(small.sum()))
+    assert mask[0, :, 2:].sum() == 0  # pure background stays background
+    torch.testing.assert_close(resize_mask(lung[None], 4), mask)  # [1, H, W] accepted
+
+
+def test_training_and_inference_resize_masks_alike(splits) -> None:
+    from classification.data import build_transforms
+    from classification.inputs import resize_mask
+    from cxr_io.readers import LoadMask
+
+    record = next(r for r in splits["train"] if r.get("mask"))
+    out = build_transforms(SIZE // 2, with_mask=True)(dict(record))
+    expected = resize_mask(LoadMask()(record["mask"]), SIZE // 2)
+    torch.testing.assert_close(torch.as_tensor(out["mask"]), expected)
+    assert expected.sum() > 0
 
 
 def test_isnet_checkpoint_is_selected_by_validation_isnet_loss(splits, tmp_path) -> None:
