@@ -258,6 +258,7 @@ class ISNet:
 METHOD_NAMES = ("standard", "isnet", "segment_then_classify", "rrr")
 
 _ISNET_CFG_FIELDS = set(ISNetLossConfig.__dataclass_fields__)
+_ISNET_METHOD_PARAMS = {"seed", "warmup_epochs", "lung_only_prob"}  # ISNet's own, not the loss's
 
 
 def build_method(name: str, **params: Any) -> Method:
@@ -288,10 +289,9 @@ def build_method(name: str, **params: Any) -> Method:
         lung_only = float(params.pop("lung_only_prob", 0.0))
         unknown = set(params) - _ISNET_CFG_FIELDS
         if unknown:
-            extra = {"seed", "warmup_epochs", "lung_only_prob"}
             raise ValueError(
                 f"unknown parameter(s) for method 'isnet': {sorted(unknown)}; "
-                f"known: {sorted(_ISNET_CFG_FIELDS | extra)}"
+                f"known: {sorted(_ISNET_CFG_FIELDS | _ISNET_METHOD_PARAMS)}"
             )
         gen = None
         if seed is not None:

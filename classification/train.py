@@ -788,6 +788,11 @@ def train(
         extra_handlers: more trainer handlers (e.g. to stop early).
         progress: called with a one-line summary after each epoch.
     """
+    if cfg.init_from and not Path(cfg.init_from).is_file():  # before minutes of C1/C2 tuning
+        raise FileNotFoundError(
+            f"init_from: {cfg.init_from} is not a file; give the best_model.pt (a state dict) "
+            f"of an earlier {cfg.backbone} run, or leave init_from empty for a random start"
+        )
     with torch_threads(cfg.threads):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -838,11 +843,6 @@ def train(
             seed=cfg.seed,
         )
         network = model_factory().to(device)
-        if cfg.init_from and not Path(cfg.init_from).is_file():
-            raise FileNotFoundError(
-                f"init_from: {cfg.init_from} is not a file; give the best_model.pt (a state dict) "
-                f"of an earlier {cfg.backbone} run, or leave init_from empty for a random start"
-            )
         if cfg.init_from:
             network.load_state_dict(
                 torch.load(cfg.init_from, map_location=device, weights_only=True)

@@ -30,21 +30,18 @@ class EpochSeeder:
 
     An epoch's draws then depend only on ``(seed, epoch)``, so a run resumed from the checkpoint
     of epoch N draws exactly what the uninterrupted run drew in epoch N + 1 (no generator state
-    needs saving). Under DDP the process rank is mixed in (``rank``, default: the rank of the
-    initialised process group, else 0), so the ranks draw different augmentations, dropout masks
-    and ISNet selections for their different images; rank 0 and a single process draw the same.
+    needs saving). Under DDP the rank of the initialised process group is mixed in, so the
+    ranks draw different augmentations, dropout masks and ISNet selections for their different
+    images; rank 0 and a single process draw the same.
     Ignite creates the epoch's data iterator (and so the shuffle order) after the
     ``EPOCH_STARTED`` handlers; no other handler of this project draws at ``EPOCH_STARTED``, so
     its place in a handler list does not matter.
     """
 
-    def __init__(
-        self, seed: int, transform: Any = None, method: Any = None, rank: int | None = None
-    ) -> None:
+    def __init__(self, seed: int, transform: Any = None, method: Any = None) -> None:
         self.seed = int(seed)
         self.transform = transform
         self.method = method
-        self.rank = rank
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)
@@ -54,16 +51,9 @@ class EpochSeeder:
         of a run (epochs < 2**20), < 2**32."""
         return (self.seed * 1_000_003 + int(epoch) + int(rank) * 2**20) % (2**32)
 
-    def current_rank(self) -> int:
-        """``rank`` if given, else the rank of the initialised process group, else 0."""
-        if self.rank is not None:
-            return int(self.rank)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank()
-        return 0
-
     def __call__(self, engine: Engine) -> None:
-        s = self.epoch_seed(engine.state.epoch, self.current_rank())
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        s = self.epoch_seed(engine.state.epoch, torch.distributed.get_rank() if distributed else 0)
         torch.manual_seed(s)
         np.random.seed(s)  # noqa: NPY002 (the global stream, as set_determinism seeds it)
         random.seed(s)
