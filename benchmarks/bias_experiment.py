@@ -45,6 +45,7 @@ from classification.methods import build_method  # noqa: E402
 from classification.metrics import relevance_metrics  # noqa: E402
 from classification.models import build_backbone  # noqa: E402
 from classification.train import (  # noqa: E402
+    LR_SCHEDULES,
     SELECT_CRITERIA,
     TrainConfig,
     load_splits,
@@ -199,6 +200,7 @@ def run_one(name: str, seed: int, args, splits, test_sets, out: Path) -> dict:
         batch_size=args.batch_size,
         optimizer=args.optimizer,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         momentum=args.momentum,
         grad_clip=args.grad_clip,
         seed=seed,
@@ -346,6 +348,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES))
     ap.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     ap.add_argument("--momentum", type=float, default=0.99, help="SGD momentum")
     ap.add_argument("--grad-clip", type=float, default=1.0, help="<= 0: no clipping")

@@ -42,7 +42,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, PrepareBatch
-from monai.handlers import ROCAUC, CheckpointLoader, ValidationHandler
+from monai.handlers import ROCAUC, CheckpointLoader, LrScheduleHandler, ValidationHandler
 from monai.inferers import SimpleInferer
 from monai.transforms import Activationsd
 from monai.utils import CommonKeys as Keys
@@ -66,6 +66,7 @@ __all__ = [
     "ResumeCheckpointer",
     "ISNET_AUGMENT",
     "ISNET_SELECT",
+    "LR_SCHEDULES",
     "SELECT_CRITERIA",
     "TrainConfig",
     "TrainResult",
@@ -76,6 +77,7 @@ __all__ = [
     "latest_checkpoint",
     "load_splits",
     "make_evaluator",
+    "make_lr_scheduler",
     "make_method",
     "make_optimizer",
     "make_trainer",
@@ -105,6 +107,8 @@ ISNET_AUGMENT = "intensity"
 ISNET_SELECT = "val_loss"
 #: what ``TrainConfig.select`` may name (``auto`` resolves to one of them).
 SELECT_CRITERIA = ("val_acc", "val_auroc", "val_loss", "last")
+#: what ``TrainConfig.lr_schedule`` may name (see :func:`make_lr_scheduler`).
+LR_SCHEDULES = ("constant", "cosine")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -126,6 +130,8 @@ class TrainConfig:
     or ``auto`` (ISNet: :data:`ISNET_SELECT`, others ``val_acc``); see :func:`resolve_select`.
     ``threads``: PyTorch intra-op threads while this run trains (0: leave PyTorch's setting);
     float sums depend on it, so a fixed value makes a run repeatable on any machine size.
+    ``lr_schedule``: ``constant`` (``lr`` throughout) or ``cosine`` (annealed from ``lr`` towards 0
+    over ``epochs``, stepped once per epoch; see :func:`make_lr_scheduler`).
     ``init_from``: a state dict of the same backbone (another run's ``best_model.pt``) the network
     starts from instead of a random initialisation (fine-tuning); empty: random. The ISNet's
     C1/C2 are still tuned on a freshly initialised plain network.
@@ -142,6 +148,7 @@ class TrainConfig:
     batch_size: int = 16
     optimizer: str = "adam"
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     momentum: float = 0.99
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -391,6 +398,8 @@ class ResumeCheckpointer:
     latest), and with ``resume`` loads the latest one with MONAI's ``CheckpointLoader`` when the
     trainer starts, so the epoch counter continues.
 
+    With a learning-rate ``scheduler``, its state travels in the checkpoint too.
+
     Each checkpoint is written to a temporary file and renamed into place (MONAI's
     ``CheckpointSaver`` writes in place: a run killed while saving left a truncated checkpoint
     that the next resume could not load); only then is the previous one removed. Under
@@ -398,13 +407,25 @@ class ResumeCheckpointer:
     """
 
     def __init__(
-        self, save_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, resume: bool
+        self,
+        save_dir: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        resume: bool,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.model = model
         self.optimizer = optimizer
+        self.scheduler = scheduler
         self.resume = bool(resume)
         self.loaded_from: Path | None = None
+
+    def _objects(self, engine: Engine) -> dict[str, Any]:
+        objects = {"model": self.model, "optimizer": self.optimizer, "trainer": engine}
+        if self.scheduler is not None:
+            objects["lr_scheduler"] = self.scheduler
+        return objects
 
     def attach(self, engine: Engine) -> None:
         if self.resume:
@@ -415,7 +436,7 @@ class ResumeCheckpointer:
                 )
             else:
                 self.loaded_from = path
-                load_dict = {"model": self.model, "optimizer": self.optimizer, "trainer": engine}
+                load_dict = self._objects(engine)
                 CheckpointLoader(load_path=str(path), load_dict=load_dict).attach(engine)
         self.save_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.save_dir.glob(f".{CHECKPOINT_PREFIX}_checkpoint_epoch=*.pt.tmp"):
@@ -429,12 +450,7 @@ class ResumeCheckpointer:
         name = f"{CHECKPOINT_PREFIX}_checkpoint_epoch={engine.state.epoch}.pt"
         path = self.save_dir / name
         tmp = path.with_name(f".{name}.tmp")
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "trainer": engine.state_dict(),
-        }
-        torch.save(state, tmp)
+        torch.save({k: v.state_dict() for k, v in self._objects(engine).items()}, tmp)
         os.replace(tmp, path)
         for old in self.save_dir.glob(f"{CHECKPOINT_PREFIX}_checkpoint_epoch=*.pt"):
             if old != path:
@@ -513,6 +529,21 @@ def make_optimizer(
     if key == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer '{name}'; choose 'adam' or 'sgd'")
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-epoch learning-rate schedule of :data:`LR_SCHEDULES`: ``constant`` -> ``None``;
+    ``cosine`` -> :class:`torch.optim.lr_scheduler.CosineAnnealingLR` over ``epochs`` (epoch e,
+    1-based, trains at ``lr * (1 + cos(pi * (e - 1) / epochs)) / 2``), for MONAI's
+    :class:`~monai.handlers.LrScheduleHandler` stepping once per epoch."""
+    key = str(name).lower()
+    if key == "constant":
+        return None
+    if key == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(epochs), 1))
+    raise ValueError(f"unknown lr_schedule {name!r}; choose one of {LR_SCHEDULES}")
 
 
 def tune_isnet_constants(
@@ -883,7 +914,12 @@ def train(
             )
         reporter = EpochReporter(method, evaluator, progress)
         handlers.append(reporter)
-        handlers.append(ResumeCheckpointer(out / CHECKPOINT_DIR, network, optimizer, resume))
+        scheduler = make_lr_scheduler(optimizer, cfg.lr_schedule, cfg.epochs)
+        if scheduler is not None:  # stepped before the checkpoint saves its state
+            handlers.append(LrScheduleHandler(scheduler, print_lr=False, epoch_level=True))
+        handlers.append(
+            ResumeCheckpointer(out / CHECKPOINT_DIR, network, optimizer, resume, scheduler)
+        )
         handlers.extend(extra_handlers)
         (out / "train_config.json").write_text(
             json.dumps(

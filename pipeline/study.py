@@ -37,6 +37,7 @@ import pandas as pd
 from classification.inputs import resize_image, resize_mask
 from classification.model_card import load_model
 from classification.train import (
+    LR_SCHEDULES,
     TrainConfig,
     TrainResult,
     resolve_augment,
@@ -313,6 +314,9 @@ def _train_problems(train_cfg: Any) -> list[str]:
             continue
         if key in ("method", "method_params", "seed"):
             out.append(f"train.{key} is set per method/seed by the study (methods, seeds)")
+            continue
+        if key == "lr_schedule" and value not in LR_SCHEDULES:
+            out.append(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {value!r}")
             continue
         if key in ("augment", "select"):  # a policy name (augment: also true/false)
             resolve = resolve_augment if key == "augment" else resolve_select

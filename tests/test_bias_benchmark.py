@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bias_experiment import macro_auroc, paired_comparison  # noqa: E402
+from marker_relevance_audit import audit  # noqa: E402
 
 KINDS = ("biased", "unbiased", "confounding")
 
@@ -54,3 +57,48 @@ def test_paired_comparison_signs_and_identity() -> None:
     assert same["unbiased_bacc"] == {"diff": 0.0, "seed_std": 0.0, "ci95": [0.0, 0.0]}
     with pytest.raises(ValueError, match="no common seeds"):
         paired_comparison(good, [_run(5, labels, 1.0)], KINDS)
+
+
+def _conv1x1(w: float, b: float) -> nn.Conv2d:
+    conv = nn.Conv2d(1, 1, 1)
+    conv.weight.data.fill_(w)
+    conv.bias.data.fill_(b)
+    return conv
+
+
+def _head(*w: float) -> nn.Sequential:
+    linear = nn.Linear(1, 3, bias=False)
+    linear.weight.data = torch.tensor(w).view(3, 1)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear)
+
+
+def test_marker_audit_tells_an_added_marker_from_one_hidden_in_a_bias() -> None:
+    """A marker that adds to the logit like any pixel is fully on the marker (captured 1); one
+    that switches off a unit carrying its evidence in its bias reaches no pixel (captured 0)."""
+    g = torch.Generator().manual_seed(0)
+    lungs = torch.zeros(6, 1, 8, 8)
+    lungs[..., 2:6, 1:4] = 1
+    marker = torch.zeros(6, 1, 8, 8)
+    marker[..., 0:2, 6:8] = 1
+    x_u = torch.rand(6, 1, 8, 8, generator=g) * 0.5 * lungs
+    sets = {
+        "x_u": x_u,
+        "x_c": x_u + 0.9 * marker,
+        "lungs": lungs,
+        "marker": marker,
+        "marker_class": torch.full((6,), 2),
+    }
+    added = nn.Sequential(_conv1x1(1.0, 0.0), nn.ReLU(), _head(1.0, 2.0, 3.0))
+    a = audit(added, sets)
+    assert a["effect"] == pytest.approx(3 * 0.9 * 4 / 64, rel=1e-5)
+    assert a["captured"] == pytest.approx(1.0, abs=1e-4)
+    assert abs(a["no_pixel"]) < 1e-5 and a["dR_lungs"] == pytest.approx(0.0, abs=1e-6)
+    # empty background switches the second unit on through its bias alone (-3 to class 2); the
+    # marker switches it off: the logit rises, but no pixel carried the evidence either way
+    hidden = nn.Sequential(
+        _conv1x1(1.0, 0.0), nn.ReLU(), _conv1x1(-10.0, 1.0), nn.ReLU(), _head(0.0, 0.0, -3.0)
+    )
+    h = audit(hidden, sets)
+    assert h["effect"] == pytest.approx(3 * 4 / 64, rel=1e-5)
+    assert abs(h["captured"]) < 1e-3
+    assert h["no_pixel"] == pytest.approx(h["effect"], rel=1e-3)

@@ -92,6 +92,7 @@ def test_config_types_are_checked():
         ({"seeds": [0, 0]}, "seeds must be distinct"),
         ({"methods": ["isnett"]}, "method 'isnett' is not one of"),
         ({"train": {"epochs": 2.5}}, "train.epochs must be an integer"),
+        ({"train": {"lr_schedule": "step"}}, "train.lr_schedule must be one of"),
         ({"train": {"seed": 1}}, "train.seed is set per method/seed by the study"),
         ({"synthetic": {"difficulty": 2}}, "synthetic.difficulty must be in [0, 1]"),
         ({"bias_sets": "yes"}, "bias_sets must be true or false"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -403,8 +404,9 @@ class _StopAfterEpoch:
     [
         dict(method="standard", augment="full"),  # shuffling, affine + intensity, dropout
         dict(method="isnet", method_params={"variant": "stochastic"}, tune_epochs=1),  # selector
+        dict(method="standard", lr_schedule="cosine"),  # the schedule's state is checkpointed
     ],
-    ids=["standard-full-augment", "isnet-stochastic"],
+    ids=["standard-full-augment", "isnet-stochastic", "cosine-schedule"],
 )
 def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(splits, tmp_path, kw) -> None:
     cfg = _cfg(epochs=3, **kw)
@@ -428,6 +430,38 @@ def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(splits, tmp_path
         b = torch.load(out / name, weights_only=True)
         assert _same(a, b), name
     assert whole.history[-1] == {**resumed.history[-1], "seconds": whole.history[-1]["seconds"]}
+
+
+class _LrSpy:
+    """Trainer handler: the optimizer's learning rate at the start of each epoch."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(
+            Events.EPOCH_STARTED, lambda e: self.lrs.append(e.optimizer.param_groups[0]["lr"])
+        )
+
+
+def test_cosine_schedule_anneals_the_learning_rate_per_epoch(splits, tmp_path) -> None:
+    spy = _LrSpy()
+    cfg = _cfg(epochs=4, lr=0.01, lr_schedule="cosine")
+    train(splits["train"], [], cfg, tmp_path, num_classes=3, extra_handlers=[spy])
+    want = [0.01 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+    assert spy.lrs == pytest.approx(want)
+    const = _LrSpy()
+    train(
+        splits["train"],
+        [],
+        _cfg(epochs=2, lr=0.01),
+        tmp_path / "c",
+        num_classes=3,
+        extra_handlers=[const],
+    )
+    assert const.lrs == [0.01, 0.01]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train(splits["train"], [], _cfg(lr_schedule="step"), tmp_path / "x", num_classes=3)
 
 
 def test_torch_threads_sets_and_restores() -> None:
