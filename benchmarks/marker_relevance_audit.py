@@ -25,7 +25,14 @@ finding):
         --model isnet:small_cnn:/tmp/r8/isn64/run_isnet_s0/best_model.pt
 
 ``--model`` is ``NAME:BACKBONE:PATH`` (a ``best_model.pt`` state dict of that backbone, 3 classes
-in the training manifest's order); give it once per model.
+in the training manifest's order); give it once per model. ``--data`` is a ``bias_experiment.py``
+data folder (``train/`` and ``test/`` manifests); for the embedded study give its manifests
+instead (the lung masks are the manifest's, ground truth; the classes are sorted names, as the
+study orders them):
+
+    .venv/bin/python benchmarks/marker_relevance_audit.py \
+        --test-manifest outputs/study/data/bias/manifest.csv \
+        --model isnet:small_cnn:outputs/study/models/main/isnet-stochastic-seed0-<key>/best_model.pt
 """
 
 from __future__ import annotations
@@ -42,16 +49,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def paired_sets(data: Path, size: int) -> dict[str, Tensor]:
-    """The unbiased and confounding test images of ``data/test`` paired by patient:
+def paired_sets(test_manifest: Path, classes: list[str], size: int) -> dict[str, Tensor]:
+    """The unbiased and confounding images of ``test_manifest`` paired by patient:
     ``x_u``, ``x_c`` ``[n, 1, S, S]``; ``lungs`` ``[n, 1, S, S]`` (0/1); ``marker`` ``[n, 1, S, S]``
     (1 where the two images differ); ``marker_class`` ``[n]`` (the confounding marker's class,
-    indices in the training manifest's class order)."""
+    indices in ``classes``)."""
     from classification.data import build_dataset, build_loader
-    from cxr_io.manifest import class_names, load_manifest, to_records
+    from cxr_io.manifest import load_manifest, to_records
 
-    classes = class_names(load_manifest(data / "train" / "manifest.csv"))
-    test = load_manifest(data / "test" / "manifest.csv")
+    test = load_manifest(test_manifest)
     out: dict[str, Tensor] = {}
     for kind in ("unbiased", "confounding"):
         rows = test[test["site"].str.endswith(f"-{kind}")].sort_values("patient_id")
@@ -63,7 +69,7 @@ def paired_sets(data: Path, size: int) -> dict[str, Tensor]:
         if kind == "confounding":
             out["marker_class"] = torch.tensor([classes.index(b) for b in rows["bias"]])
     if out.pop("ids_u") != out.pop("ids_c"):
-        raise ValueError(f"{data}/test: the unbiased and confounding sets hold other patients")
+        raise ValueError(f"{test_manifest}: the unbiased and confounding sets hold other patients")
     out["lungs"] = out.pop("lungs_c")
     out.pop("lungs_u")
     out["marker"] = ((out["x_c"] - out["x_u"]).abs() > 1e-3).float()
@@ -112,15 +118,26 @@ def audit(model: torch.nn.Module, sets: dict[str, Tensor]) -> dict[str, float]:
 
 def main() -> None:
     from classification.models import build_backbone
+    from cxr_io.manifest import class_names, load_manifest
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True, help="a bias_experiment.py data folder")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", type=Path, help="a bias_experiment.py data folder")
+    where.add_argument(
+        "--test-manifest", type=Path, help="a manifest with <site>-unbiased/-confounding rows"
+    )
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--model", action="append", required=True, help="NAME:BACKBONE:PATH")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    sets = paired_sets(args.data, args.size)
+    if args.data is not None:
+        test = args.data / "test" / "manifest.csv"
+        classes = class_names(load_manifest(args.data / "train" / "manifest.csv"))
+    else:
+        test = args.test_manifest
+        classes = class_names(load_manifest(test))
+    sets = paired_sets(test, classes, args.size)
     n = len(sets["marker_class"])
     print(
         f"{n} patients; marker {sets['marker'].flatten(1).sum(1).mean():.0f} px, "
