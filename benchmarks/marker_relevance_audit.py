@@ -30,8 +30,8 @@ data folder (``train/`` and ``test/`` manifests); for the embedded study give it
 instead (the lung masks are the manifest's, ground truth; the classes are sorted names, as the
 study orders them):
 
-    .venv/bin/python benchmarks/marker_relevance_audit.py \
-        --test-manifest outputs/study/data/bias/manifest.csv \
+    .venv/bin/python benchmarks/marker_relevance_audit.py \\
+        --test-manifest outputs/study/data/bias/manifest.csv \\
         --model isnet:small_cnn:outputs/study/models/main/isnet-stochastic-seed0-<key>/best_model.pt
 """
 
@@ -59,19 +59,17 @@ def paired_sets(test_manifest: Path, classes: list[str], size: int) -> dict[str,
 
     test = load_manifest(test_manifest)
     out: dict[str, Tensor] = {}
+    patients = []
     for kind in ("unbiased", "confounding"):
         rows = test[test["site"].str.endswith(f"-{kind}")].sort_values("patient_id")
         ds = build_dataset(to_records(rows, classes), size, need_masks=True)
         batch = next(iter(build_loader(ds, len(ds), shuffle=False)))
         out[f"x_{kind[0]}"] = torch.as_tensor(batch["image"]).float()
-        out[f"lungs_{kind[0]}"] = torch.as_tensor(batch["mask"]).float()
-        out[f"ids_{kind[0]}"] = rows["patient_id"].tolist()
-        if kind == "confounding":
-            out["marker_class"] = torch.tensor([classes.index(b) for b in rows["bias"]])
-    if out.pop("ids_u") != out.pop("ids_c"):
+        out["lungs"] = torch.as_tensor(batch["mask"]).float()  # the same patients' lungs
+        patients.append(rows["patient_id"].tolist())
+    if patients[0] != patients[1]:
         raise ValueError(f"{test_manifest}: the unbiased and confounding sets hold other patients")
-    out["lungs"] = out.pop("lungs_c")
-    out.pop("lungs_u")
+    out["marker_class"] = torch.tensor([classes.index(b) for b in rows["bias"]])
     out["marker"] = ((out["x_c"] - out["x_u"]).abs() > 1e-3).float()
     return out
 

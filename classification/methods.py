@@ -14,6 +14,10 @@ Methods:
 - :class:`SegmentThenClassify`: the image multiplied by the lung mask, cross-entropy.
 - :class:`RRR`: Right for the Right Reasons (Ross et al. 2017): CE + ``lam`` * sum over background
   pixels of the squared input gradient of the summed log-softmax.
+- :class:`BackgroundSwap`: cross-entropy on images whose background (everything outside the lung
+  mask) comes from another image of the batch: a marker then carries no label information
+  (background randomisation, cf. Xiao et al. 2021, "mixed-rand"). A check of what constraining
+  the background's *effect*, not its relevance, does; see docs/isnet-results.md, Round 10.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 from classification.isnet_loss import ISNetLossConfig, isnet_losses, make_selector
 
 __all__ = [
+    "BackgroundSwap",
     "ISNet",
     "METHOD_NAMES",
     "Method",
@@ -144,6 +149,34 @@ class RRR:
         return MethodOutput(total, logits, {"ce": float(ce.detach()), "rrr": float(pen.detach())})
 
 
+class BackgroundSwap(Standard):
+    """Cross-entropy on ``image * mask + other * (1 - mask)``, where ``other`` is the previous
+    image of the batch (a cyclic shift, so every background is used once): the lungs and the
+    label are the image's own, the background (markers, text, borders) another patient's. Needs
+    masks for training only; at inference the network sees the plain image."""
+
+    name = "background_swap"
+    needs_masks = True
+    masks_at_inference = False
+
+    def prepare_inputs(self, images: Tensor, masks: Tensor | None) -> Tensor:
+        return images
+
+    @staticmethod
+    def swap(images: Tensor, masks: Tensor) -> Tensor:
+        """``[B, C, H, W]``: each image's lungs on the previous image's background."""
+        m = masks.to(images.dtype)
+        return images * m + torch.roll(images, shifts=1, dims=0) * (1 - m)
+
+    def loss(
+        self, model: nn.Module, images: Tensor, labels: Tensor, masks: Tensor | None
+    ) -> MethodOutput:
+        masks = _require_masks(self.name, masks, images)
+        logits = model(self.swap(images, masks))
+        ce = F.cross_entropy(logits, labels)
+        return MethodOutput(ce, logits, {"ce": float(ce.detach())})
+
+
 class ISNet:
     """ISNet: LRP heatmap loss on the background + cross-entropy, ``(1 - P) * CE + P * L_H``.
 
@@ -255,7 +288,7 @@ class ISNet:
         return val
 
 
-METHOD_NAMES = ("standard", "isnet", "segment_then_classify", "rrr")
+METHOD_NAMES = ("standard", "isnet", "segment_then_classify", "rrr", "background_swap")
 
 _ISNET_CFG_FIELDS = set(ISNetLossConfig.__dataclass_fields__)
 _ISNET_METHOD_PARAMS = {"seed", "warmup_epochs", "lung_only_prob"}  # ISNet's own, not the loss's
@@ -264,7 +297,7 @@ _ISNET_METHOD_PARAMS = {"seed", "warmup_epochs", "lung_only_prob"}  # ISNet's ow
 def build_method(name: str, **params: Any) -> Method:
     """Build a method by name.
 
-    - ``standard``, ``segment_then_classify``: no parameters.
+    - ``standard``, ``segment_then_classify``, ``background_swap``: no parameters.
     - ``rrr``: ``lam`` (default 10).
     - ``isnet``: any :class:`ISNetLossConfig` field (``variant``, ``P``, ``C1``, ``C2``, ``eps``,
       ...), plus ``seed`` (for the stochastic selector's generator), ``warmup_epochs`` and
@@ -277,6 +310,9 @@ def build_method(name: str, **params: Any) -> Method:
     if key == "segment_then_classify":
         _no_params(key, params)
         return SegmentThenClassify()
+    if key == "background_swap":
+        _no_params(key, params)
+        return BackgroundSwap()
     if key == "rrr":
         unknown = set(params) - {"lam"}
         if unknown:

@@ -10,6 +10,7 @@ from classification.isnet_loss import ISNetLossConfig
 from classification.lrp import lrp_heatmaps
 from classification.methods import (
     RRR,
+    BackgroundSwap,
     ISNet,
     Method,
     SegmentThenClassify,
@@ -46,6 +47,7 @@ METHODS = {
     "standard": lambda: Standard(),
     "segment_then_classify": lambda: SegmentThenClassify(),
     "rrr": lambda: RRR(lam=1.0),
+    "background_swap": lambda: BackgroundSwap(),
     "isnet_selective": lambda: ISNet(ISNetLossConfig(variant="selective")),
     "isnet_original": lambda: ISNet(ISNetLossConfig(variant="original")),
     "isnet_stochastic": lambda: ISNet(
@@ -123,6 +125,26 @@ def test_segment_then_classify_ignores_background() -> None:
     la = method.loss(model, images, labels, masks).loss
     lb = method.loss(model, changed, labels, masks).loss
     assert float(la) == float(lb)
+
+
+def test_background_swap_keeps_the_lungs_and_takes_the_next_background() -> None:
+    images, labels, masks = _batch()
+    swapped = BackgroundSwap.swap(images, masks)
+    lungs = masks.bool().expand_as(images)
+    assert torch.equal(swapped[lungs], images[lungs])  # own lungs (and own label)
+    nxt = torch.roll(images, 1, 0)
+    assert torch.equal(swapped[~lungs], nxt[~lungs])  # the previous sample's background
+    # so sample i shows the marker of sample i-1, which has another class here
+    assert not torch.equal(swapped[:, :, 0:3], images[:, :, 0:3])
+    method = build_method("background_swap")
+    assert isinstance(method, BackgroundSwap) and method.masks_at_inference is False
+    assert torch.equal(method.prepare_inputs(images, masks), images)  # inference: plain image
+    model = _model().eval()
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(swapped), labels)
+    assert float(method.loss(model, images, labels, masks).loss) == pytest.approx(float(expected))
+    with pytest.raises(ValueError, match="needs lung masks"):
+        method.loss(model, images, labels, None)
 
 
 class _MaskedNet(nn.Module):

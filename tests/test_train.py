@@ -450,15 +450,8 @@ def test_cosine_schedule_anneals_the_learning_rate_per_epoch(splits, tmp_path) -
     train(splits["train"], [], cfg, tmp_path, num_classes=3, extra_handlers=[spy])
     want = [0.01 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
     assert spy.lrs == pytest.approx(want)
-    const = _LrSpy()
-    train(
-        splits["train"],
-        [],
-        _cfg(epochs=2, lr=0.01),
-        tmp_path / "c",
-        num_classes=3,
-        extra_handlers=[const],
-    )
+    const, plain = _LrSpy(), _cfg(epochs=2, lr=0.01)
+    train(splits["train"], [], plain, tmp_path / "c", num_classes=3, extra_handlers=[const])
     assert const.lrs == [0.01, 0.01]
     with pytest.raises(ValueError, match="lr_schedule"):
         train(splits["train"], [], _cfg(lr_schedule="step"), tmp_path / "x", num_classes=3)
