@@ -200,19 +200,22 @@ def test_evaluator_sees_method_inputs(splits) -> None:
     assert not torch.equal(x, x_std)
 
 
-def test_cli_train(tmp_path) -> None:
+@pytest.mark.parametrize("method", ["rrr", "background_swap"])
+def test_cli_train(tmp_path, method: str) -> None:
     from typer.testing import CliRunner
 
     from classification.cli import train_app
+    from classification.model_card import load_model
 
     manifest = make_tiny_manifest(tmp_path / "data")
     out = tmp_path / "out"
-    args = ["--manifest", str(manifest), "--method", "rrr", "--size", str(SIZE)]
+    args = ["--manifest", str(manifest), "--method", method, "--size", str(SIZE)]
     args += ["--epochs", "1", "--batch-size", "4", "--out", str(out)]
     res = CliRunner().invoke(train_app, args)
     assert res.exit_code == 0, res.output
     assert "epoch 1/1" in res.output and "best val_acc" in res.output
-    torch.load(out / "best_model.pt", weights_only=True)
+    _, card = load_model(out / "best_model.pt")
+    assert card.method == method  # the card names the method, so every door rebuilds it
     bad = CliRunner().invoke(train_app, [*args[:2], "--method", "gradcam", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown method" in bad.output
 
