@@ -159,9 +159,6 @@ class BackgroundSwap(Standard):
     needs_masks = True
     masks_at_inference = False
 
-    def prepare_inputs(self, images: Tensor, masks: Tensor | None) -> Tensor:
-        return images
-
     @staticmethod
     def swap(images: Tensor, masks: Tensor) -> Tensor:
         """``[B, C, H, W]``: each image's lungs on the previous image's background."""
