@@ -58,18 +58,24 @@ def paired_sets(test_manifest: Path, classes: list[str], size: int) -> dict[str,
     from cxr_io.manifest import load_manifest, to_records
 
     test = load_manifest(test_manifest)
+    rows = {
+        kind: test[test["site"].str.endswith(f"-{kind}")].sort_values("patient_id")
+        for kind in ("unbiased", "confounding")
+    }
+    if any(len(r) == 0 for r in rows.values()):
+        raise ValueError(
+            f"{test_manifest}: no '<site>-unbiased' or no '<site>-confounding' rows; give the "
+            "test manifest of bias_experiment.py or the study's data/bias/manifest.csv"
+        )
+    if rows["unbiased"]["patient_id"].tolist() != rows["confounding"]["patient_id"].tolist():
+        raise ValueError(f"{test_manifest}: the unbiased and confounding sets hold other patients")
     out: dict[str, Tensor] = {}
-    patients = []
-    for kind in ("unbiased", "confounding"):
-        rows = test[test["site"].str.endswith(f"-{kind}")].sort_values("patient_id")
-        ds = build_dataset(to_records(rows, classes), size, need_masks=True)
+    for kind, frame in rows.items():
+        ds = build_dataset(to_records(frame, classes), size, need_masks=True)
         batch = next(iter(build_loader(ds, len(ds), shuffle=False)))
         out[f"x_{kind[0]}"] = torch.as_tensor(batch["image"]).float()
         out["lungs"] = torch.as_tensor(batch["mask"]).float()  # the same patients' lungs
-        patients.append(rows["patient_id"].tolist())
-    if patients[0] != patients[1]:
-        raise ValueError(f"{test_manifest}: the unbiased and confounding sets hold other patients")
-    out["marker_class"] = torch.tensor([classes.index(b) for b in rows["bias"]])
+    out["marker_class"] = torch.tensor([classes.index(b) for b in rows["confounding"]["bias"]])
     out["marker"] = ((out["x_c"] - out["x_u"]).abs() > 1e-3).float()
     return out
 
@@ -128,6 +134,13 @@ def main() -> None:
     ap.add_argument("--model", action="append", required=True, help="NAME:BACKBONE:PATH")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
+    for spec in args.model:
+        if spec.count(":") < 2:
+            ap.error(
+                f"--model {spec!r}: give NAME:BACKBONE:PATH, e.g. isnet:small_cnn:run/best_model.pt"
+            )
+        if not Path(spec.split(":", 2)[2]).is_file():
+            ap.error(f"--model {spec!r}: {spec.split(':', 2)[2]} is not a file (a best_model.pt)")
     torch.set_num_threads(1)
     if args.data is not None:
         test = args.data / "test" / "manifest.csv"

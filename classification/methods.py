@@ -151,9 +151,10 @@ class RRR:
 
 class BackgroundSwap(Standard):
     """Cross-entropy on ``image * mask + other * (1 - mask)``, where ``other`` is the previous
-    image of the batch (a cyclic shift, so every background is used once): the lungs and the
-    label are the image's own, the background (markers, text, borders) another patient's. Needs
-    masks for training only; at inference the network sees the plain image."""
+    image of the batch (a cyclic shift, so every background is used once; a batch of one keeps
+    its own): the lungs and the label are the image's own, the background (markers, text,
+    borders) another patient's. Needs masks for training only; at inference the network sees the
+    plain image."""
 
     name = "background_swap"
     needs_masks = True

@@ -315,7 +315,7 @@ def _train_problems(train_cfg: Any) -> list[str]:
         if key in ("method", "method_params", "seed"):
             out.append(f"train.{key} is set per method/seed by the study (methods, seeds)")
             continue
-        if key == "lr_schedule" and value not in LR_SCHEDULES:
+        if key == "lr_schedule" and str(value).lower() not in LR_SCHEDULES:  # as training reads it
             out.append(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {value!r}")
             continue
         if key in ("augment", "select"):  # a policy name (augment: also true/false)

@@ -127,7 +127,7 @@ def test_segment_then_classify_ignores_background() -> None:
     assert float(la) == float(lb)
 
 
-def test_background_swap_keeps_the_lungs_and_takes_the_next_background() -> None:
+def test_background_swap_keeps_the_lungs_and_takes_the_previous_background() -> None:
     images, labels, masks = _batch()
     swapped = BackgroundSwap.swap(images, masks)
     lungs = masks.bool().expand_as(images)
