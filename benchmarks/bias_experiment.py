@@ -188,6 +188,8 @@ def run_one(name: str, seed: int, args, splits, test_sets, out: Path) -> dict:
     epoch's weights, without relevance metrics, under ``last``)."""
     n_classes = len(splits["classes"])
     params = _method_params(name, args)
+    if "teacher" in params:  # ISNet distillation: one teacher per seed, e.g. ".../run_..._s{seed}/"
+        params["teacher"] = str(params["teacher"]).format(seed=seed)
     method_name = _train_method(name)
     cfg = TrainConfig(
         method=method_name,
@@ -392,6 +394,13 @@ def main() -> None:
         help="results.json of an earlier invocation holding a 'reference' row: each method of "
         "this invocation is compared with it, paired by seed (same data folder required)",
     )
+    ap.add_argument(
+        "--clean-train",
+        action="store_true",
+        help="train every method of this invocation on the marker-free rendering (train_clean): "
+        "a bias-free reference for a method that differs from the standard classifier (e.g. an "
+        "ISNet with a teacher)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = args.data or args.out
@@ -399,7 +408,12 @@ def main() -> None:
     names = args.methods.split(",")
 
     train_manifest, test_manifest, base = make_data(
-        data, args.n_per_site, args.size, args.corr, args.difficulty, clean=REFERENCE in names
+        data,
+        args.n_per_site,
+        args.size,
+        args.corr,
+        args.difficulty,
+        clean=REFERENCE in names or args.clean_train,
     )
     # the train/val split is fixed by the data (manifest ``split`` column); seeds vary training
     splits = load_splits(train_manifest, seed=0)
@@ -414,7 +428,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         method_splits = splits
-        if name == REFERENCE:  # same patients, labels and splits, rendered without markers
+        if name == REFERENCE or args.clean_train:  # same patients and splits, no markers
             method_splits = load_splits(data / "train_clean" / "manifest.csv", seed=0)
         runs = []
         for seed in seeds:

@@ -198,9 +198,11 @@ class _ProbeMode(TorchFunctionMode):
     """Raises `LRPUnsupportedError` at the first functional non-linearity called outside an
     nn.ReLU / BatchNorm module (``stack`` is the module call stack kept by forward hooks).
 
-    Calls made inside those modules are allowed: LRP-Flex replaces their forward. The mode sees
-    only top-level torch calls (not the ones nested inside another torch function), which is
-    what user forward code makes.
+    Calls made inside those modules are allowed: LRP-Flex replaces their forward. So are calls
+    on tensors that carry no gradient (statistics taken under ``torch.no_grad``, buffers): the
+    backward never passes through them, so they cannot bend the heatmap. The mode sees only
+    top-level torch calls (not the ones nested inside another torch function), which is what
+    user forward code makes.
     """
 
     def __init__(self, stack: list[tuple[str, nn.Module]]) -> None:
@@ -210,11 +212,20 @@ class _ProbeMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         hit = _BANNED_FUNCS.get(func)
-        if hit is not None:
+        if hit is not None and _carries_grad((args, kwargs)):
             name, inner = self.stack[-1] if self.stack else ("", None)
             if not isinstance(inner, (nn.ReLU, _BatchNorm)):
                 raise LRPUnsupportedError(_functional_message(name, *hit))
         return func(*args, **kwargs)
+
+
+def _carries_grad(obj: Any) -> bool:
+    """Whether any tensor in a nested tuple / list / dict requires grad."""
+    if isinstance(obj, Tensor):
+        return obj.requires_grad
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return isinstance(obj, (tuple, list)) and any(_carries_grad(o) for o in obj)
 
 
 def _stack_hooks(model: nn.Module, stack: list[tuple[str, nn.Module]]) -> list[Any]:
@@ -298,7 +309,7 @@ def check_lrp_ready(model: nn.Module, example_input: Tensor | None = None) -> No
     Static checks (always): no in-place ``nn.ReLU``; no unsupported activation or normalisation
     module (GELU, SiLU, ELU, LeakyReLU, Sigmoid, Tanh, LayerNorm, GroupNorm, InstanceNorm, ...).
 
-    With ``example_input`` (e.g. ``[1, C, H, W]``) also a probe forward (eval mode, no grad; train
+    With ``example_input`` (e.g. ``[1, C, H, W]``) also a probe forward (eval mode; train
     flags, parameters and buffers are restored/untouched) that detects a ReLU module called more
     than once in one forward (reused ReLU) and functional non-linearities (``F.relu``,
     ``x.relu()``, ``clamp``, ``torch.sigmoid``, ``F.gelu``, ...) called in a module's forward
@@ -328,8 +339,11 @@ def check_lrp_ready(model: nn.Module, example_input: Tensor | None = None) -> No
             if isinstance(m, nn.ReLU):
                 handles.append(m.register_forward_pre_hook(count(name)))
         model.eval()
-        with torch.no_grad(), _ProbeMode(stack):
-            model(example_input)
+        # grad on (a leaf copy of the input): the probe tells a non-linearity on activations
+        # from one on constants (statistics, buffers) by whether its arguments carry gradient
+        probe = example_input.detach().requires_grad_(True)
+        with torch.enable_grad(), _ProbeMode(stack):
+            model(probe)
     finally:
         for h in handles:
             h.remove()
@@ -608,13 +622,15 @@ class LRPFlex:
         x = args[0] if args else None
         self._records = _Records(root_input=x, user_input=x)
         if (
-            self._probe_zb
+            (self._probe_zb or (self._probe_forward and self._relevance_not_at_input))
             and isinstance(x, Tensor)
             and not x.requires_grad
             and torch.is_grad_enabled()
         ):
-            # z^B probe: run on a grad leaf copy so that every differentiable use of the input
-            # appears in the graph (`_check_single_path`); the z^B rule itself uses `user_input`
+            # probes run on a grad leaf copy so that every differentiable use of the input
+            # appears in the graph (z^B: `_check_single_path`; functional non-linearities:
+            # `_ProbeMode` checks calls on tensors that carry gradient); the z^B rule itself
+            # uses `user_input`
             leaf = x.detach().requires_grad_(True)
             self._records.root_input = leaf
             return (leaf, *args[1:])
@@ -658,6 +674,8 @@ class LRPFlex:
         self._probe_zb = (
             self.input_bounds is not None and self.at is None and ("zb", training) not in done
         )
+        # epsilon rule to the input: the input itself must require grad (`relevance` says so)
+        self._relevance_not_at_input = self.input_bounds is not None or self.at is not None
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
             if self._probe_zb:

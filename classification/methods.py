@@ -10,19 +10,22 @@ masks ``[B, 1, H, W]`` in {0, 1} (or ``None`` for methods that do not need them)
 Methods:
 - :class:`Standard`: cross-entropy.
 - :class:`ISNet`: ``(1 - P) * CE + P * L_H`` with the LRP heatmap loss (Bassi et al. 2024); CE uses
-  the logits of the same forward that produced the heatmaps. Optional linear warm-up of ``P``.
+  the logits of the same forward that produced the heatmaps. Optional linear warm-up of ``P``;
+  optional distillation from a segment-then-classify teacher (``teacher``).
 - :class:`SegmentThenClassify`: the image multiplied by the lung mask, cross-entropy.
 - :class:`RRR`: Right for the Right Reasons (Ross et al. 2017): CE + ``lam`` * sum over background
   pixels of the squared input gradient of the summed log-softmax.
-- :class:`BackgroundSwap`: cross-entropy on images whose background (everything outside the lung
-  mask) comes from another image of the batch: a marker then carries no label information
+- :class:`BackgroundSwap`: cross-entropy on images whose background (everything outside both
+  images' lung masks) comes from another image of the batch: a marker then carries no label information
   (background randomisation, cf. Xiao et al. 2021, "mixed-rand"). A check of what constraining
   the background's *effect*, not its relevance, does; see docs/isnet-results.md, Round 10.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -150,11 +153,13 @@ class RRR:
 
 
 class BackgroundSwap(Standard):
-    """Cross-entropy on ``image * mask + other * (1 - mask)``, where ``other`` is the previous
-    image of the batch (a cyclic shift, so every background is used once; a batch of one keeps
-    its own): the lungs and the label are the image's own, the background (markers, text,
-    borders) another patient's. Needs masks for training only; at inference the network sees the
-    plain image."""
+    """Cross-entropy on ``image * u + other * (1 - u)``, where ``other`` is the previous image
+    of the batch (a cyclic shift, so every background is used once; a batch of one keeps its
+    own) and ``u`` the union of both lung masks: the lungs and the label are the image's own,
+    the background (markers, text, borders) another patient's, and none of the other patient's
+    lungs shows around the mask (with ``u = mask`` it did; Round 11 of docs/isnet-results.md:
+    balanced accuracy +0.09 with the union). Needs masks for training only; at inference the
+    network sees the plain image."""
 
     name = "background_swap"
     needs_masks = True
@@ -162,8 +167,10 @@ class BackgroundSwap(Standard):
 
     @staticmethod
     def swap(images: Tensor, masks: Tensor) -> Tensor:
-        """``[B, C, H, W]``: each image's lungs on the previous image's background."""
+        """``[B, C, H, W]``: each image's lungs on the previous image's background (outside
+        the union of the two images' lung masks ``[B, 1, H, W]``)."""
         m = masks.to(images.dtype)
+        m = torch.maximum(m, torch.roll(m, shifts=1, dims=0))
         return images * m + torch.roll(images, shifts=1, dims=0) * (1 - m)
 
     def loss(
@@ -189,6 +196,15 @@ class ISNet:
     probability, by its lung-masked version ``image * mask`` (drawn from PyTorch's global
     generator, which the training loop seeds per epoch): those images carry the finding but no
     background, so their cross-entropy pulls towards lung features; validation never masks.
+
+    ``teacher`` (a state-dict path) adds knowledge distillation from a network of the same
+    backbone trained on lung-masked images (a ``segment_then_classify`` run's
+    ``best_model.pt``): the classification term becomes ``(1 - distill) * CE + distill * KD``,
+    ``KD = T^2 KL(softmax(t / T) || softmax(s / T))`` with ``t`` the teacher's logits on
+    ``image * mask`` and ``s`` the ISNet's on the image (Hinton et al. 2015). The teacher never
+    sees a marker, so its soft labels carry the lung finding and nothing of the background; it
+    is needed in training only (the training loop loads it through :meth:`attach_teacher`), and
+    the validation loss stays CE + heatmap loss.
     """
 
     name = "isnet"
@@ -202,9 +218,25 @@ class ISNet:
         *,
         warmup_epochs: int = 0,
         lung_only_prob: float = 0.0,
+        teacher: str = "",
+        distill: float = 0.5,
+        distill_T: float = 2.0,
     ) -> None:
         if not 0.0 <= lung_only_prob <= 1.0:
             raise ValueError(f"ISNet lung_only_prob must be in [0, 1], got {lung_only_prob}")
+        if not 0.0 <= distill <= 1.0 or not distill_T > 0:
+            raise ValueError(
+                f"ISNet needs distill in [0, 1] and distill_T > 0, got {distill}, {distill_T}"
+            )
+        if teacher and not Path(teacher).is_file():
+            raise FileNotFoundError(
+                f"ISNet teacher: {teacher} is not a file; give the best_model.pt (a state dict) "
+                f"of a segment_then_classify run with the same backbone, or no teacher"
+            )
+        self.teacher = str(teacher)
+        self.distill = float(distill)
+        self.distill_T = float(distill_T)
+        self.teacher_net: nn.Module | None = None
         self.cfg = cfg if cfg is not None else ISNetLossConfig()
         self.generator = generator
         self.selector = make_selector(self.cfg.variant, generator=generator)
@@ -230,9 +262,35 @@ class ISNet:
             self.generator,
             warmup_epochs=self.warmup_epochs,
             lung_only_prob=self.lung_only_prob,
+            teacher=self.teacher,
+            distill=self.distill,
+            distill_T=self.distill_T,
         )
+        new.teacher_net = self.teacher_net
         new.epoch = self.epoch
         return new
+
+    def attach_teacher(
+        self, model_factory: Callable[[], nn.Module], device: str | torch.device = "cpu"
+    ) -> None:
+        """Load ``teacher`` into ``model_factory()`` (frozen, eval mode) for distillation."""
+        net = model_factory()
+        net.load_state_dict(torch.load(self.teacher, map_location=device, weights_only=True))
+        self.teacher_net = net.to(device).eval().requires_grad_(False)
+
+    def distillation(self, student_logits: Tensor, images: Tensor, masks: Tensor) -> Tensor:
+        """``T^2 KL(teacher || student)`` at temperature T, mean over the batch (a scalar); the
+        teacher sees ``images * masks`` ``[B, C, H, W]``."""
+        if self.teacher_net is None:
+            raise RuntimeError(
+                f"ISNet teacher {self.teacher} is not loaded: call attach_teacher(model_factory) "
+                f"first (classification.train.train does)"
+            )
+        T = self.distill_T
+        with torch.no_grad():
+            target = F.softmax(self.teacher_net(images * masks.to(images.dtype)) / T, dim=1)
+        log_student = F.log_softmax(student_logits / T, dim=1)
+        return F.kl_div(log_student, target, reduction="batchmean") * T * T
 
     @property
     def current_P(self) -> float:
@@ -268,7 +326,12 @@ class ISNet:
             "fg": float(out.fg.detach()),
             "P": P,
         }
-        return MethodOutput(out.total, out.logits, parts)
+        total = out.total
+        if self.teacher:
+            kd = self.distillation(out.logits, images, masks)
+            total = total + (1.0 - P) * self.distill * (kd - out.ce)
+            parts["kd"] = float(kd.detach())
+        return MethodOutput(total, out.logits, parts)
 
     def lung_only(self, images: Tensor, masks: Tensor) -> Tensor:
         """``images`` ``[B, C, H, W]`` with each sample replaced by ``image * mask`` with
@@ -289,7 +352,14 @@ class ISNet:
 METHOD_NAMES = ("standard", "isnet", "segment_then_classify", "rrr", "background_swap")
 
 _ISNET_CFG_FIELDS = set(ISNetLossConfig.__dataclass_fields__)
-_ISNET_METHOD_PARAMS = {"seed", "warmup_epochs", "lung_only_prob"}  # ISNet's own, not the loss's
+_ISNET_METHOD_PARAMS = {  # ISNet's own, not the loss's
+    "seed",
+    "warmup_epochs",
+    "lung_only_prob",
+    "teacher",
+    "distill",
+    "distill_T",
+}
 
 
 def build_method(name: str, **params: Any) -> Method:
@@ -298,8 +368,8 @@ def build_method(name: str, **params: Any) -> Method:
     - ``standard``, ``segment_then_classify``, ``background_swap``: no parameters.
     - ``rrr``: ``lam`` (default 10).
     - ``isnet``: any :class:`ISNetLossConfig` field (``variant``, ``P``, ``C1``, ``C2``, ``eps``,
-      ...), plus ``seed`` (for the stochastic selector's generator), ``warmup_epochs`` and
-      ``lung_only_prob``.
+      ...), plus ``seed`` (for the stochastic selector's generator), ``warmup_epochs``,
+      ``lung_only_prob`` and ``teacher`` / ``distill`` / ``distill_T`` (see :class:`ISNet`).
     """
     key = name.lower().replace("-", "_")
     if key == "standard":
@@ -321,6 +391,7 @@ def build_method(name: str, **params: Any) -> Method:
         seed = params.pop("seed", None)
         warmup = int(params.pop("warmup_epochs", 0))
         lung_only = float(params.pop("lung_only_prob", 0.0))
+        own = {k: params.pop(k) for k in ("teacher", "distill", "distill_T") if k in params}
         unknown = set(params) - _ISNET_CFG_FIELDS
         if unknown:
             raise ValueError(
@@ -330,7 +401,9 @@ def build_method(name: str, **params: Any) -> Method:
         gen = None
         if seed is not None:
             gen = torch.Generator().manual_seed(int(seed))
-        return ISNet(ISNetLossConfig(**params), gen, warmup_epochs=warmup, lung_only_prob=lung_only)
+        return ISNet(
+            ISNetLossConfig(**params), gen, warmup_epochs=warmup, lung_only_prob=lung_only, **own
+        )
     raise ValueError(f"unknown method '{name}'; choose one of {', '.join(METHOD_NAMES)}")
 
 

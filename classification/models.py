@@ -23,12 +23,20 @@ __all__ = [
     "LRPReadyResNetBlock",
     "LRPReadyResNetBottleneck",
     "MaxPool2x2",
+    "ScaleNorm2d",
     "SmallCNN",
     "build_backbone",
     "make_lrp_ready",
 ]
 
-BACKBONES = ("densenet121", "resnet18", "small_cnn", "small_cnn_deep", "small_cnn_max")
+BACKBONES = (
+    "densenet121",
+    "resnet18",
+    "small_cnn",
+    "small_cnn_deep",
+    "small_cnn_max",
+    "small_cnn_nobias",
+)
 
 
 class LRPReadyResNetBlock(ResNetBlock):
@@ -132,6 +140,33 @@ class MaxPool2x2(nn.Module):
         return torch.maximum(top, bottom)
 
 
+class ScaleNorm2d(nn.Module):
+    """Per-channel scale normalisation without centring or shift: ``y = gamma * x / rms(x)``.
+
+    ``rms`` is the root mean square of each channel over the batch and the pixels in training
+    (a running average of it, like BatchNorm's, in eval), taken as a constant (no gradient
+    flows into it): the layer is a per-channel positive scaling, linear and bias-free, so a
+    network of conv / ScaleNorm2d / ReLU / pooling layers stays positively homogeneous and its
+    LRP relevance cannot be absorbed by a bias. Input and output ``[B, C, H, W]``."""
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.register_buffer("running_ms", torch.ones(channels))
+        self.momentum = momentum
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                ms = x.detach().pow(2).mean(dim=(0, 2, 3))
+                self.running_ms.lerp_(ms, self.momentum)
+        else:
+            ms = self.running_ms
+        scale = self.weight * torch.rsqrt(ms + self.eps)
+        return x * scale.view(1, -1, 1, 1)
+
+
 class SmallCNN(nn.Module):
     """Small fast ReLU CNN: one block (conv3x3-BN-ReLU) per entry of ``widths``, 2x2 max pooling
     after every block but the last, global average pool (``head_pool="avg"``) or global max pool
@@ -139,7 +174,13 @@ class SmallCNN(nn.Module):
     through that one position only), dropout, linear. Input
     ``[B, in_channels, H, W]`` (H, W >= 2 ** (len(widths) - 1)), output logits
     ``[B, num_classes]``. With 4 blocks about 20 ms per eval batch of 8 at 128x128 on one CPU
-    core."""
+    core.
+
+    ``bias_free=True`` drops the last linear layer's bias and replaces BatchNorm by
+    ``ScaleNorm2d`` (none in the first block, where the z^B rule needs conv -> ReLU): the network
+    is then positively homogeneous (``f(t x) = t f(x)`` for ``t > 0``) and nothing but the input
+    pixels can carry LRP relevance, so the relevance of a logit sums to the logit (up to the
+    epsilon rule's small absorption) and no unit can hide evidence in a bias."""
 
     def __init__(
         self,
@@ -148,6 +189,7 @@ class SmallCNN(nn.Module):
         widths: tuple[int, ...] = (16, 32, 64, 64),
         dropout: float = 0.5,
         head_pool: str = "avg",
+        bias_free: bool = False,
     ) -> None:
         super().__init__()
         pools = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
@@ -157,7 +199,10 @@ class SmallCNN(nn.Module):
         c = in_channels
         for i, w in enumerate(widths):
             layers[f"conv{i}"] = nn.Conv2d(c, w, kernel_size=3, padding=1, bias=False)
-            layers[f"norm{i}"] = nn.BatchNorm2d(w)
+            if not bias_free:
+                layers[f"norm{i}"] = nn.BatchNorm2d(w)
+            elif i > 0:
+                layers[f"norm{i}"] = ScaleNorm2d(w)
             layers[f"relu{i}"] = nn.ReLU()
             layers[f"pool{i}"] = MaxPool2x2() if i < len(widths) - 1 else nn.Identity()
             c = w
@@ -165,7 +210,7 @@ class SmallCNN(nn.Module):
         self.pool = pools[head_pool](1)
         self.flatten = nn.Flatten(1)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(c, num_classes)
+        self.fc = nn.Linear(c, num_classes, bias=not bias_free)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -185,7 +230,9 @@ def build_backbone(
             demos/tests, 64x64..256x256; its last features see 38 x 38 px) or
             ``"small_cnn_deep"`` (``SmallCNN`` with 6 blocks and 5 poolings: its last features
             see the whole of a 64x64 image, about 158 x 158 px; inputs >= 32x32) or
-            ``"small_cnn_max"`` (``small_cnn`` with a global max pool instead of the average).
+            ``"small_cnn_max"`` (``small_cnn`` with a global max pool instead of the average) or
+            ``"small_cnn_nobias"`` (``small_cnn`` without BatchNorm and biases: relevance cannot
+            be absorbed by a bias, see ``SmallCNN``).
         num_classes: number of logits N.
         in_channels: image channels (1 for chest X-rays).
         dropout: dropout probability right before the last linear layer.
@@ -228,13 +275,17 @@ def build_backbone(
         new_fc = DropoutLinear(fc.in_features, fc.out_features, dropout)
         new_fc.load_state_dict(fc.state_dict())
         net.fc = new_fc
-    elif name in ("small_cnn", "small_cnn_deep", "small_cnn_max"):
+    elif name.startswith("small_cnn") and name in BACKBONES:
         widths = (width, 2 * width, 4 * width, 4 * width)
         if name == "small_cnn_deep":
             widths += (4 * width, 4 * width)
-        head_pool = "max" if name == "small_cnn_max" else "avg"
         net = SmallCNN(
-            num_classes, in_channels, widths=widths, dropout=dropout, head_pool=head_pool
+            num_classes,
+            in_channels,
+            widths=widths,
+            dropout=dropout,
+            head_pool="max" if name == "small_cnn_max" else "avg",
+            bias_free=name == "small_cnn_nobias",
         )
     else:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

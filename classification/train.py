@@ -873,6 +873,8 @@ def train(
             device=device,
             seed=cfg.seed,
         )
+        if isinstance(method, ISNet) and method.teacher:
+            method.attach_teacher(model_factory, device)
         network = model_factory().to(device)
         if cfg.init_from:
             network.load_state_dict(

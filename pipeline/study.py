@@ -90,6 +90,11 @@ class MethodSpec:
     patients re-rendered without background markers (embedded synthetic data only). The
     standard classifier trained on those is the bias-free reference: what a full-image model
     learns when there is no shortcut, evaluated on the same test sets as every other method.
+
+    An ISNet's ``params`` may name a ``teacher``: the label of a ``segment_then_classify``
+    method of the same study (same training data); each ISNet then distils from that method's
+    model of the same fold and seed (:class:`classification.methods.ISNet`), which the study
+    trains first.
     """
 
     name: str
@@ -269,6 +274,7 @@ def _config_problems(cfg: StudyConfig) -> list[str]:
     labels = [m.display for m in cfg.methods if isinstance(m.params, dict)]
     if len(set(labels)) != len(labels):
         out.append(f"method labels must be unique, got {labels}")
+    out += _teacher_problems(cfg.methods)
     if cfg.manifests and cfg.wants_no_markers:
         out.append(
             "a method with train_data 'no_markers' needs the embedded synthetic data (the "
@@ -298,6 +304,28 @@ def _config_problems(cfg: StudyConfig) -> list[str]:
     elif not 0 <= s.difficulty <= 1:
         out.append(f"synthetic.difficulty must be in [0, 1], got {s.difficulty!r}")
     out += _train_problems(cfg.train)
+    return out
+
+
+def _teacher_problems(methods: Sequence[MethodSpec]) -> list[str]:
+    """A ``teacher`` must be an ISNet's, and name a segment_then_classify method of the study
+    trained on the same data."""
+    by_label = {m.display: m for m in methods if isinstance(m.params, dict)}
+    out = []
+    for m in methods:
+        teacher = m.params.get("teacher") if isinstance(m.params, dict) else None
+        if teacher is None:
+            continue
+        t = by_label.get(teacher) if isinstance(teacher, str) else None
+        if m.name != "isnet":
+            out.append(f"method {m.display!r}: only an isnet takes a teacher")
+        elif t is None or t.name != "segment_then_classify" or t.train_data != m.train_data:
+            choices = [x.display for x in methods if x.name == "segment_then_classify"]
+            out.append(
+                f"method {m.display!r}: teacher {teacher!r} must be the label of a "
+                f"segment_then_classify method of this study with the same train_data "
+                f"(here: {choices})"
+            )
     return out
 
 
@@ -809,13 +837,37 @@ def _config_key(tcfg: TrainConfig) -> str:
 def planned_runs(
     cfg: StudyConfig, fold: Fold, base_train: TrainConfig, out: Path
 ) -> Iterator[tuple[MethodSpec, int, TrainConfig, Path]]:
-    """``(method, seed, training config, model folder)`` of every model of ``fold``; the folder
-    is keyed by the config (a changed config trains anew, the same one is reused)."""
+    """``(method, seed, training config, model folder)`` of every model of ``fold``, in the
+    config's order with each ISNet teacher moved before its students (a serial study trains in
+    this order); the folder is keyed by the config (a changed config trains anew, the same one
+    is reused). An ISNet's
+    ``teacher`` label becomes the path of that method's ``best_model.pt`` (same fold and seed);
+    its folder key holds the teacher's folder name, so a retrained teacher retrains the ISNet
+    and a moved study folder does not."""
+    by_label = {m.display: m for m in cfg.methods}
+    ordered: list[MethodSpec] = []  # the config's order, each teacher moved before its students
+
+    def add(spec: MethodSpec) -> None:
+        if spec not in ordered:
+            if "teacher" in spec.params:
+                add(by_label[spec.params["teacher"]])
+            ordered.append(spec)
+
     for spec in cfg.methods:
+        add(spec)
+    folders: dict[tuple[str, int], Path] = {}
+    for spec in ordered:
         for seed in cfg.seeds:
-            tcfg = replace(base_train, method=spec.name, method_params=spec.params, seed=seed)
-            key = _config_key(tcfg)
-            yield spec, seed, tcfg, out / "models" / fold.name / f"{spec.display}-seed{seed}-{key}"
+            params = dict(spec.params)
+            keyed = params
+            if "teacher" in params:
+                teacher_dir = folders[params["teacher"], seed]
+                keyed = {**params, "teacher": teacher_dir.name}
+                params["teacher"] = str(teacher_dir / "best_model.pt")
+            tcfg = replace(base_train, method=spec.name, method_params=keyed, seed=seed)
+            run_dir = out / "models" / fold.name / f"{spec.display}-seed{seed}-{_config_key(tcfg)}"
+            folders[spec.display, seed] = run_dir
+            yield spec, seed, replace(tcfg, method_params=params), run_dir
 
 
 #: training cost order for the parallel phase (most expensive first, so no worker idles at the
@@ -824,13 +876,15 @@ _COST_ORDER = {"isnet": 0, "rrr": 1}
 
 
 class _TrainJob(NamedTuple):
-    """One model to train: its config, ``(train, val)`` rows, class names, folder and log tag."""
+    """One model to train: its config, ``(train, val)`` rows, class names, folder, log tag and
+    the folder of a model it needs first (an ISNet's teacher still to train), if any."""
 
     tcfg: TrainConfig
     rows: tuple[pd.DataFrame, pd.DataFrame]
     classes: Sequence[str]
     run_dir: Path
     tag: str
+    after: Path | None = None
 
 
 def train_models(
@@ -851,27 +905,63 @@ def train_models(
         for spec, seed, tcfg, run_dir in planned_runs(cfg, fold, base_train, out):
             if not (run_dir / "done.json").is_file():
                 tag = f"{fold.name}/{spec.display}/seed{seed}"
-                jobs.append(_TrainJob(tcfg, fold.training_rows(spec), classes, run_dir, tag))
+                teacher = tcfg.method_params.get("teacher")
+                after = Path(teacher).parent if teacher else None
+                if after is not None and (after / "done.json").is_file():
+                    after = None
+                rows = fold.training_rows(spec)
+                jobs.append(_TrainJob(tcfg, rows, classes, run_dir, tag, after))
     if cfg.workers == 1:
-        for job in jobs:
+        for job in sorted(jobs, key=lambda job: job.after is not None):  # teachers first
             _train_once(train, job.tcfg, job.rows, job.classes, job.run_dir, log, job.tag)
         return
     if not jobs:
         return
-    jobs.sort(key=lambda job: _COST_ORDER.get(job.tcfg.method, 2))
     threads = base_train.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
     log(f"training {len(jobs)} models, {cfg.workers} at a time ({threads} thread(s) each)")
     # spawn: no fork of a process holding torch threads
     pool = multiprocessing.get_context("spawn").Pool(min(cfg.workers, len(jobs)))
     try:
-        for tag in pool.imap_unordered(_train_job, [(job, threads) for job in jobs]):
-            log(f"  {tag}: trained")
+        _run_jobs(pool, jobs, threads, min(cfg.workers, len(jobs)), log)
         pool.close()
     except BaseException:
         pool.terminate()
         raise
     finally:
         pool.join()
+
+
+def _run_jobs(
+    pool: Any, jobs: Sequence[_TrainJob], threads: int, slots: int, log: Callable[[str], None]
+) -> None:
+    """Feed ``jobs`` to ``pool`` ``slots`` at a time, each once the model it needs is trained:
+    teachers first (they unblock others), then the most expensive (:data:`_COST_ORDER`), so
+    no worker idles at the end. Raises the first job's error."""
+    import queue
+
+    teachers = {job.after for job in jobs if job.after is not None}
+    finished: queue.Queue[tuple[_TrainJob, BaseException | None]] = queue.Queue()
+    waiting, trained, running = list(jobs), set(), 0
+    while waiting or running:
+        ready = [job for job in waiting if job.after is None or job.after in trained]
+        ready.sort(key=lambda j: (j.run_dir not in teachers, _COST_ORDER.get(j.tcfg.method, 2)))
+        for job in ready[: slots - running]:
+            waiting.remove(job)
+            running += 1
+            pool.apply_async(
+                _train_job,
+                ((job, threads),),
+                callback=lambda _tag, job=job: finished.put((job, None)),
+                error_callback=lambda err, job=job: finished.put((job, err)),
+            )
+        if not running:  # only possible with a dependency on a job that is not in the list
+            raise RuntimeError(f"cannot train {[j.tag for j in waiting]}: their teacher is missing")
+        job, err = finished.get()
+        running -= 1
+        if err is not None:
+            raise err
+        trained.add(job.run_dir)
+        log(f"  {job.tag}: trained")
 
 
 def _train_job(job_threads: tuple[_TrainJob, int]) -> str:

@@ -43,6 +43,7 @@ NETS = {
     "small_cnn": (lambda: build_backbone("small_cnn", 3), 16),
     "small_cnn_deep": (lambda: build_backbone("small_cnn_deep", 3), 32),
     "small_cnn_max": (lambda: build_backbone("small_cnn_max", 3), 16),
+    "small_cnn_nobias": (lambda: build_backbone("small_cnn_nobias", 3), 16),
     "densenet_like": (_small_densenet, 16),
     "densenet121": (lambda: build_backbone("densenet121", 3), 32),
     "resnet18": (lambda: build_backbone("resnet18", 3), 32),
@@ -81,7 +82,9 @@ def _bias_free(net: nn.Module) -> nn.Module:
     return net.eval()
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "small_cnn_deep", "small_cnn_max", "densenet_like"])
+@pytest.mark.parametrize(
+    "name", ["small_cnn", "small_cnn_deep", "small_cnn_max", "small_cnn_nobias", "densenet_like"]
+)
 @pytest.mark.parametrize("bounds", [None, (0.0, 1.0)])
 def test_conservation_on_bias_free_nets(name, bounds):
     torch.manual_seed(0)
@@ -255,3 +258,67 @@ def test_input_outside_bounds_is_refused():
     # a score that does not depend on the input gives a zero map, not an autograd error
     _, R0 = lrp_heatmaps(net, x, lambda lg: torch.zeros_like(lg[:, :1]), input_bounds=None)
     assert R0.abs().max() == 0
+
+
+@pytest.mark.parametrize("bounds", [None, (0.0, 1.0)])
+def test_small_cnn_nobias_conserves_as_trained_where_small_cnn_does_not(bounds):
+    """The bias-free backbone needs no zeroing: after training-mode forwards (running statistics
+    set) its relevance sums to the logit in train and eval mode; the BatchNorm small CNN's does
+    not (its BatchNorm shifts and last bias absorb part)."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64)
+    gaps = {}
+    for name in ("small_cnn_nobias", "small_cnn"):
+        net = build_backbone(name, 3, dropout=0.0).double().train()
+        with torch.no_grad():
+            for _ in range(3):
+                net(torch.rand(8, 1, 16, 16, dtype=torch.float64))
+            for m in net.modules():  # give BatchNorm shifts a size real training would
+                if isinstance(m, nn.BatchNorm2d):
+                    m.bias.normal_(0.0, 0.3)
+        for mode in (True, False):
+            net.train(mode)
+            logits, R = lrp_heatmaps(net, x, lambda lg: lg, eps=0.0, input_bounds=bounds)
+            gaps[name, mode] = float((R.sum(dim=(2, 3, 4)) - logits).detach().abs().max())
+    assert max(gaps["small_cnn_nobias", m] for m in (True, False)) < 1e-10
+    assert min(gaps["small_cnn", m] for m in (True, False)) > 1e-3
+    # positively homogeneous: doubling the image doubles every logit
+    net = build_backbone("small_cnn_nobias", 3).double().eval()
+    torch.testing.assert_close(net(2 * x), 2 * net(x), rtol=1e-12, atol=1e-12)
+
+
+class _StatScaled(nn.Module):
+    """conv -> per-channel scale from a statistic -> ReLU -> mean -> linear; the statistic is
+    computed under no_grad (``detach_stat``) or from the activation itself."""
+
+    def __init__(self, detach_stat: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1, bias=False)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(3, 2, bias=False)
+        self.detach_stat = detach_stat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        ms = z.detach().pow(2).mean(dim=(0, 2, 3)) if self.detach_stat else z.pow(2).mean()
+        z = z * torch.rsqrt(ms + 1e-5).view(1, -1, 1, 1)
+        return self.fc(self.relu(z).mean(dim=(2, 3)))
+
+
+def test_nonlinearity_on_a_constant_statistic_is_accepted_on_activations_refused():
+    """``rsqrt`` of a statistic taken without gradient is a constant scale for the backward:
+    accepted, and the heatmap is exact (eps 0 equals gradient x input with the statistic held
+    fixed). The same call on a tensor that carries gradient is refused, also when the probe
+    runs on a model whose parameters are frozen."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    good = _StatScaled(detach_stat=True).double().eval()
+    check_lrp_ready(good, x)
+    logits, R = lrp_heatmaps(good, x, lambda lg: lg[:, :1], eps=0.0, input_bounds=None)
+    torch.testing.assert_close(R.sum(dim=(2, 3, 4)), logits[:, :1], rtol=1e-10, atol=1e-12)
+    bad = _StatScaled(detach_stat=False).double().eval().requires_grad_(False)
+    with pytest.raises(LRPUnsupportedError, match=r"'<root>' calls Tensor.pow"):
+        check_lrp_ready(bad, x)
+    for bounds in (None, (0.0, 1.0)):
+        with pytest.raises(LRPUnsupportedError, match=r"calls Tensor.pow"):
+            lrp_heatmaps(bad, x, lambda lg: lg[:, :1], input_bounds=bounds)

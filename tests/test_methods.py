@@ -129,11 +129,18 @@ def test_segment_then_classify_ignores_background() -> None:
 
 def test_background_swap_keeps_the_lungs_and_takes_the_previous_background() -> None:
     images, labels, masks = _batch()
+    masks[1::2] = torch.roll(masks[1::2], 2, dims=-1)  # lungs differ between neighbours
     swapped = BackgroundSwap.swap(images, masks)
+    prev = torch.roll(images, 1, 0)
+    prev_lungs = torch.roll(masks, 1, 0).bool().expand_as(images)
     lungs = masks.bool().expand_as(images)
     assert torch.equal(swapped[lungs], images[lungs])  # own lungs (and own label)
-    nxt = torch.roll(images, 1, 0)
-    assert torch.equal(swapped[~lungs], nxt[~lungs])  # the previous sample's background
+    # where the previous sample has lungs and this one none, this sample's own pixels: no other
+    # patient's lung shows around the mask
+    only_prev = prev_lungs & ~lungs
+    assert only_prev.any() and torch.equal(swapped[only_prev], images[only_prev])
+    rest = ~(lungs | prev_lungs)
+    assert torch.equal(swapped[rest], prev[rest])  # the previous sample's background
     # so sample i shows the marker of sample i-1, which has another class here
     assert not torch.equal(swapped[:, :, 0:3], images[:, :, 0:3])
     method = build_method("background_swap")
@@ -306,3 +313,50 @@ def test_isnet_lung_only_prob_masks_training_images_only() -> None:
     assert method.with_constants(1.0, 2.0).lung_only_prob == 1.0
     with pytest.raises(ValueError, match="lung_only_prob"):
         build_method("isnet", lung_only_prob=1.5)
+
+
+def test_isnet_distillation_replaces_part_of_the_cross_entropy(tmp_path) -> None:
+    """With a teacher the classification term is (1 - distill) CE + distill KD, KD the
+    temperature-scaled KL from the teacher's softmax on the lung-masked image; a teacher equal to
+    the student on an all-lung mask gives KD 0."""
+    images, labels, masks = _batch()
+    student = _model(0).eval()  # the teacher runs in eval mode: compare like with like
+    same, other = tmp_path / "same.pt", tmp_path / "other.pt"
+    torch.save(student.state_dict(), same)
+    torch.save(_model(1).state_dict(), other)
+    cfg = dict(variant="selective", P=0.7, C1=1.0, C2=20.0)
+    plain = build_method("isnet", **cfg).loss(student, images, labels, masks)
+
+    ones = torch.ones_like(masks)
+    twin = build_method("isnet", teacher=str(same), distill=0.4, **cfg)
+    twin.attach_teacher(lambda: _model(5))
+    out = twin.loss(student, images, labels, ones)
+    ref = build_method("isnet", **cfg).loss(student, images, labels, ones)
+    assert out.parts["kd"] == pytest.approx(0.0, abs=1e-6)
+    assert float(out.loss) == pytest.approx(float(ref.loss) - 0.3 * 0.4 * out.parts["ce"], rel=1e-5)
+
+    method = build_method("isnet", teacher=str(other), distill=0.4, distill_T=3.0, **cfg)
+    method.attach_teacher(lambda: _model(5))
+    out = method.loss(student, images, labels, masks)
+    with torch.no_grad():
+        t = torch.softmax(_model(1).eval()(images * masks) / 3.0, dim=1)
+        log_s = torch.log_softmax(student(images) / 3.0, dim=1)
+        kd = float((t * (t.log() - log_s)).sum(dim=1).mean() * 9.0)
+    assert out.parts["kd"] == pytest.approx(kd, rel=1e-4) and kd > 1e-3
+    expected = 0.3 * (0.6 * plain.parts["ce"] + 0.4 * kd) + 0.7 * plain.parts["heatmap"]
+    assert float(out.loss) == pytest.approx(expected, rel=1e-4)
+    # the copies training makes keep the teacher; validation's loss stays CE + heatmap loss
+    assert method.with_constants(2.0, 30.0).teacher_net is method.teacher_net
+    assert "kd" not in method.for_validation().loss(student, images, labels, masks).parts
+
+
+def test_isnet_teacher_errors_name_the_problem(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"teacher: .*nope\.pt is not a file"):
+        build_method("isnet", teacher=str(tmp_path / "nope.pt"))
+    path = tmp_path / "t.pt"
+    torch.save(_model(1).state_dict(), path)
+    with pytest.raises(ValueError, match="distill in"):
+        build_method("isnet", teacher=str(path), distill=1.5)
+    images, labels, masks = _batch()
+    with pytest.raises(RuntimeError, match="attach_teacher"):
+        build_method("isnet", teacher=str(path)).loss(_model(), images, labels, masks)

@@ -242,8 +242,14 @@ def test_study_against_real_mlflow_server(tiny_data, tmp_path, mlflow_server, mo
 
 def test_parallel_training_gives_the_serial_results(tiny_data, tmp_path):
     """workers=2 trains the models in two spawned processes; with the threads per model fixed,
-    every number equals the serial study's, and each model was trained once."""
-    methods = ["standard", {"name": "isnet", "params": {"variant": "stochastic"}}]
+    every number equals the serial study's, and each model was trained once. The ISNet distils
+    from the segment-then-classify model listed after it: that teacher is trained first."""
+    teacher = "segment_then_classify"
+    methods = [
+        "standard",
+        {"name": "isnet", "params": {"variant": "stochastic", "teacher": teacher}},
+        teacher,
+    ]
     results = {}
     for workers in (1, 2):
         cfg = replace(
@@ -255,10 +261,15 @@ def test_parallel_training_gives_the_serial_results(tiny_data, tmp_path):
         res = run_study(cfg, tmp_path / f"w{workers}", command="pytest", log=lines.append)
         results[workers] = res.results
         trained_here = [ln for ln in lines if ": training (" in ln]
-        assert len(trained_here) == (2 if workers == 1 else 0), lines
+        assert len(trained_here) == (3 if workers == 1 else 0), lines
         if workers == 2:
-            assert any("2 models, 2 at a time (1 thread(s) each)" in ln for ln in lines)
-            assert sum(": reusing the finished model" in ln for ln in lines) == 2
+            assert any("3 models, 2 at a time (1 thread(s) each)" in ln for ln in lines)
+            assert sum(": reusing the finished model" in ln for ln in lines) == 3
+        models = tmp_path / f"w{workers}" / "models" / "main"
+        (stc_done,) = models.glob(f"{teacher}-seed0-*/done.json")
+        (isnet_dir,) = models.glob("isnet-stochastic-seed0-*")
+        first_isnet_file = min(p.stat().st_mtime for p in isnet_dir.rglob("*") if p.is_file())
+        assert stc_done.stat().st_mtime <= first_isnet_file
     cols = ["method", "dataset", "auroc_macro", "balanced_accuracy", "background_share"]
     pd.testing.assert_frame_equal(results[1][cols], results[2][cols])
 

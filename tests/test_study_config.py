@@ -96,6 +96,23 @@ def test_config_types_are_checked():
         ({"train": {"seed": 1}}, "train.seed is set per method/seed by the study"),
         ({"synthetic": {"difficulty": 2}}, "synthetic.difficulty must be in [0, 1]"),
         ({"bias_sets": "yes"}, "bias_sets must be true or false"),
+        (
+            {"methods": [{"name": "isnet", "params": {"teacher": "stc"}}]},
+            "teacher 'stc' must be the label of a segment_then_classify method",
+        ),
+        (
+            {"methods": ["segment_then_classify", {"name": "rrr", "params": {"teacher": "x"}}]},
+            "method 'rrr': only an isnet takes a teacher",
+        ),
+        (
+            {
+                "methods": [
+                    {"name": "segment_then_classify", "train_data": "no_markers"},
+                    {"name": "isnet", "params": {"teacher": "segment_then_classify"}},
+                ]
+            },
+            "with the same train_data",
+        ),
     ]:
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             StudyConfig.from_dict({**_study_def(), **raw})
@@ -168,3 +185,38 @@ def test_mask_stage_progress_bar_counts_files(tmp_path, capsys):
         t.join()
     err = capsys.readouterr().err
     assert "lung masks" in err and "4/4" in err
+
+
+def test_an_isnet_teacher_is_planned_first_and_keys_its_student(tmp_path):
+    """planned_runs: the teacher, listed after its student, is planned first; its label
+    becomes the path of the same seed's segment-then-classify model; the ISNet's folder key holds
+    the teacher's folder name (not the study folder), so it changes with the teacher's config
+    and not with the output location."""
+    from classification.train import TrainConfig
+    from pipeline.study import Fold, planned_runs
+
+    methods = [
+        {"name": "isnet", "params": {"variant": "stochastic", "teacher": "segment_then_classify"}},
+        "segment_then_classify",
+    ]
+    cfg = StudyConfig.from_dict({**_study_def(), "methods": methods, "seeds": [0, 1]})
+    fold = Fold("main", ("a",), pd.DataFrame(), pd.DataFrame(), ())
+
+    def plan(out, **train):
+        return list(planned_runs(cfg, fold, TrainConfig(**train), out))
+
+    runs = plan(tmp_path / "a")
+    assert [(s.name, seed) for s, seed, _, _ in runs] == [
+        ("segment_then_classify", 0),
+        ("segment_then_classify", 1),
+        ("isnet", 0),
+        ("isnet", 1),
+    ]
+    stc = {seed: d for s, seed, _, d in runs if s.name == "segment_then_classify"}
+    for _, seed, tcfg, _ in runs[2:]:
+        assert tcfg.method_params["teacher"] == str(stc[seed] / "best_model.pt")
+        assert tcfg.seed == seed
+    moved = plan(tmp_path / "b")
+    assert [d.name for *_, d in moved] == [d.name for *_, d in runs]
+    retaught = plan(tmp_path / "a", epochs=3)  # every model changes, the students with them
+    assert all(a[3] != b[3] for a, b in zip(runs, retaught, strict=True))

@@ -507,3 +507,20 @@ def test_a_checkpoint_write_cut_short_is_ignored_and_cleared(splits, tmp_path) -
     res = train(splits["train"], [], _cfg(epochs=2), out, num_classes=3, resume=True)
     assert res.epochs_done == 2 and not stale.exists()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["resume_checkpoint_epoch=2.pt"]
+
+
+def test_isnet_distils_from_a_teacher_that_train_loads(splits, tmp_path) -> None:
+    """``teacher`` in the ISNet's parameters: train() loads it and the epoch history carries the
+    distillation term."""
+    teacher = train(
+        splits["train"], [], _cfg(method="segment_then_classify"), tmp_path / "t", num_classes=3
+    )
+    params = {"variant": "selective", "C1": 1.0, "C2": 20.0, "teacher": str(teacher.last_model)}
+    res = train(
+        splits["train"],
+        [],
+        _cfg(method="isnet", method_params=params),
+        tmp_path / "s",
+        num_classes=3,
+    )
+    assert res.history[-1]["train_kd"] > 0
