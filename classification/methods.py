@@ -16,9 +16,10 @@ Methods:
 - :class:`RRR`: Right for the Right Reasons (Ross et al. 2017): CE + ``lam`` * sum over background
   pixels of the squared input gradient of the summed log-softmax.
 - :class:`BackgroundSwap`: cross-entropy on images whose background (everything outside both
-  images' lung masks) comes from another image of the batch: a marker then carries no label information
-  (background randomisation, cf. Xiao et al. 2021, "mixed-rand"). A check of what constraining
-  the background's *effect*, not its relevance, does; see docs/isnet-results.md, Round 10.
+  images' lung masks) comes from another image of the batch: a marker then carries no label
+  information (background randomisation, cf. Xiao et al. 2021, "mixed-rand"). A check of what
+  constraining the background's *effect*, not its relevance, does; docs/isnet-results.md, Round
+  10 (and Round 11 for the union of the masks).
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ class ScaleNorm2d(nn.Module):
 
     ``rms`` is the root mean square of each channel over the batch and the pixels in training
     (a running average of it, like BatchNorm's, in eval), taken as a constant (no gradient
-    flows into it): the layer is a per-channel positive scaling, linear and bias-free, so a
+    flows into it): the layer is a per-channel scaling, linear and bias-free, so a
     network of conv / ScaleNorm2d / ReLU / pooling layers stays positively homogeneous and its
     LRP relevance cannot be absorbed by a bias. Input and output ``[B, C, H, W]``."""
 

@@ -840,10 +840,9 @@ def planned_runs(
     """``(method, seed, training config, model folder)`` of every model of ``fold``, in the
     config's order with each ISNet teacher moved before its students (a serial study trains in
     this order); the folder is keyed by the config (a changed config trains anew, the same one
-    is reused). An ISNet's
-    ``teacher`` label becomes the path of that method's ``best_model.pt`` (same fold and seed);
-    its folder key holds the teacher's folder name, so a retrained teacher retrains the ISNet
-    and a moved study folder does not."""
+    is reused). An ISNet's ``teacher`` label becomes the path of that method's ``best_model.pt``
+    (same fold and seed); its folder key holds the teacher's folder name, so a retrained teacher
+    retrains the ISNet and a moved study folder does not."""
     by_label = {m.display: m for m in cfg.methods}
     ordered: list[MethodSpec] = []  # the config's order, each teacher moved before its students
 
@@ -912,7 +911,7 @@ def train_models(
                 rows = fold.training_rows(spec)
                 jobs.append(_TrainJob(tcfg, rows, classes, run_dir, tag, after))
     if cfg.workers == 1:
-        for job in sorted(jobs, key=lambda job: job.after is not None):  # teachers first
+        for job in jobs:  # planned_runs' order: teachers first
             _train_once(train, job.tcfg, job.rows, job.classes, job.run_dir, log, job.tag)
         return
     if not jobs:
