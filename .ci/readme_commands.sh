@@ -4,10 +4,10 @@
 #     .ci/readme_commands.sh            (uses .venv; WORK=<folder> keeps the outputs there)
 # The commands run in a scratch folder laid out like the repository root (configs/ and models/
 # linked), so the clone stays clean. Each command is echoed; the first failure stops the script.
-# Last full pass: 2026-12-02 00:28-00:42 UTC, a fresh clone of branch doors at e94b90f
-# (git clone -b doors /work/wt-doors /tmp/fresh-doors; VENV=/work/main/.venv .ci/readme_commands.sh),
-# the project's 2-core shared CPU machine, wall 793 s, exit 0 (also 2026-12-01 23:45 UTC at 2cf1859,
-# 1547 s with other jobs running). With VENV pointing at another checkout's editable install the
+# Last full pass: 2026-12-02 16:57-17:30 UTC, a fresh clone of main at 58fcba5
+# (git clone /work/main /tmp/rc11; VENV=/work/main/.venv .ci/readme_commands.sh), the project's
+# 2-core shared CPU machine beside the CI suite and a study, wall 1989 s, exit 0 (alone:
+# 2026-12-02 00:28-00:42 UTC at e94b90f, 793 s). With VENV pointing at another checkout's editable install the
 # shipped models/ are read from that checkout (cxr_io.resources); PYTHONPATH gives this clone's code.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
