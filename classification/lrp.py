@@ -622,7 +622,11 @@ class LRPFlex:
         x = args[0] if args else None
         self._records = _Records(root_input=x, user_input=x)
         if (
-            (self._probe_zb or (self._probe_forward and self._relevance_not_at_input))
+            (
+                self._probe_zb
+                # epsilon rule to the input: the input itself must require grad (`relevance`)
+                or (self._probe_forward and (self.input_bounds is not None or self.at is not None))
+            )
             and isinstance(x, Tensor)
             and not x.requires_grad
             and torch.is_grad_enabled()
@@ -674,8 +678,6 @@ class LRPFlex:
         self._probe_zb = (
             self.input_bounds is not None and self.at is None and ("zb", training) not in done
         )
-        # epsilon rule to the input: the input itself must require grad (`relevance` says so)
-        self._relevance_not_at_input = self.input_bounds is not None or self.at is not None
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
             if self._probe_zb:

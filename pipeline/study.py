@@ -22,6 +22,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import queue
 import shlex
 import sys
 import time
@@ -936,8 +937,6 @@ def _run_jobs(
     """Feed ``jobs`` to ``pool`` ``slots`` at a time, each once the model it needs is trained:
     teachers first (they unblock others), then the most expensive (:data:`_COST_ORDER`), so
     no worker idles at the end. Raises the first job's error."""
-    import queue
-
     teachers = {job.after for job in jobs if job.after is not None}
     finished: queue.Queue[tuple[_TrainJob, BaseException | None]] = queue.Queue()
     waiting, trained, running = list(jobs), set(), 0
