@@ -206,6 +206,11 @@ class ISNet:
     sees a marker, so its soft labels carry the lung finding and nothing of the background; it
     is needed in training only (the training loop loads it through :meth:`attach_teacher`), and
     the validation loss stays CE + heatmap loss.
+
+    ``swap_background`` trains on :meth:`BackgroundSwap.swap` images (each image's lungs on the
+    previous image's background, outside the union of both masks): a marker then travels with
+    another patient's label, so the background carries no label information for the loss to
+    fight; the heatmap loss still uses the image's own mask, and validation sees plain images.
     """
 
     name = "isnet"
@@ -222,12 +227,17 @@ class ISNet:
         teacher: str = "",
         distill: float = 0.5,
         distill_T: float = 2.0,
+        swap_background: bool = False,
     ) -> None:
         if not 0.0 <= lung_only_prob <= 1.0:
             raise ValueError(f"ISNet lung_only_prob must be in [0, 1], got {lung_only_prob}")
         if not 0.0 <= distill <= 1.0 or not distill_T > 0:
             raise ValueError(
                 f"ISNet needs distill in [0, 1] and distill_T > 0, got {distill}, {distill_T}"
+            )
+        if not isinstance(swap_background, bool):
+            raise ValueError(
+                f"ISNet swap_background must be true or false, got {swap_background!r}"
             )
         if teacher and not Path(teacher).is_file():
             raise FileNotFoundError(
@@ -243,6 +253,7 @@ class ISNet:
         self.selector = make_selector(self.cfg.variant, generator=generator)
         self.warmup_epochs = int(warmup_epochs)
         self.lung_only_prob = float(lung_only_prob)
+        self.swap_background = swap_background
         self.epoch = 1
         self.create_graph = True  # second-order graph for training; False for validation
 
@@ -266,6 +277,7 @@ class ISNet:
             teacher=self.teacher,
             distill=self.distill,
             distill_T=self.distill_T,
+            swap_background=self.swap_background,
         )
         new.teacher_net = self.teacher_net
         new.epoch = self.epoch
@@ -307,6 +319,8 @@ class ISNet:
         self, model: nn.Module, images: Tensor, labels: Tensor, masks: Tensor | None
     ) -> MethodOutput:
         masks = _require_masks(self.name, masks, images)
+        if self.swap_background:
+            images = BackgroundSwap.swap(images, masks)
         if self.lung_only_prob > 0:
             images = self.lung_only(images, masks)
         P = self.current_P
@@ -360,6 +374,7 @@ _ISNET_METHOD_PARAMS = {  # ISNet's own, not the loss's
     "teacher",
     "distill",
     "distill_T",
+    "swap_background",
 }
 
 
@@ -370,7 +385,8 @@ def build_method(name: str, **params: Any) -> Method:
     - ``rrr``: ``lam`` (default 10).
     - ``isnet``: any :class:`ISNetLossConfig` field (``variant``, ``P``, ``C1``, ``C2``, ``eps``,
       ...), plus ``seed`` (for the stochastic selector's generator), ``warmup_epochs``,
-      ``lung_only_prob`` and ``teacher`` / ``distill`` / ``distill_T`` (see :class:`ISNet`).
+      ``lung_only_prob``, ``teacher`` / ``distill`` / ``distill_T`` and ``swap_background``
+      (see :class:`ISNet`).
     """
     key = name.lower().replace("-", "_")
     if key == "standard":
@@ -392,7 +408,11 @@ def build_method(name: str, **params: Any) -> Method:
         seed = params.pop("seed", None)
         warmup = int(params.pop("warmup_epochs", 0))
         lung_only = float(params.pop("lung_only_prob", 0.0))
-        own = {k: params.pop(k) for k in ("teacher", "distill", "distill_T") if k in params}
+        own = {
+            k: params.pop(k)
+            for k in ("teacher", "distill", "distill_T", "swap_background")
+            if k in params
+        }
         unknown = set(params) - _ISNET_CFG_FIELDS
         if unknown:
             raise ValueError(

@@ -315,6 +315,27 @@ def test_isnet_lung_only_prob_masks_training_images_only() -> None:
         build_method("isnet", lung_only_prob=1.5)
 
 
+def test_isnet_swap_background_trains_on_swapped_images_with_own_masks() -> None:
+    """``swap_background`` makes the training loss that of the plain ISNet on
+    ``BackgroundSwap.swap(images, masks)`` with the image's own masks; the marker of image i
+    then sits beside image i+1's label; validation sees the plain images."""
+    images, labels, masks = _batch()
+    swapped = BackgroundSwap.swap(images, masks)
+    assert torch.equal(swapped[1, 0, 0:3], images[0, 0, 0:3])  # the previous image's marker
+    cfg = dict(variant="selective", P=0.7, C1=1.0, C2=20.0)
+    method = build_method("isnet", swap_background=True, **cfg)
+    model = _model()
+    out = method.loss(model, images, labels, masks)
+    plain = build_method("isnet", **cfg)
+    expected = plain.loss(model, swapped, labels, masks)
+    assert float(out.loss) == pytest.approx(float(expected.loss), rel=1e-6)
+    assert float(out.loss) != pytest.approx(float(plain.loss(model, images, labels, masks).loss))
+    assert method.with_constants(2.0, 30.0).swap_background is True
+    assert method.for_validation().swap_background is False
+    with pytest.raises(ValueError, match="swap_background must be true or false"):
+        build_method("isnet", swap_background="false")
+
+
 def test_isnet_distillation_replaces_part_of_the_cross_entropy(tmp_path) -> None:
     """With a teacher the classification term is (1 - distill) CE + distill KD, KD the
     temperature-scaled KL from the teacher's softmax on the lung-masked image; a teacher equal to
