@@ -408,11 +408,8 @@ def build_method(name: str, **params: Any) -> Method:
         seed = params.pop("seed", None)
         warmup = int(params.pop("warmup_epochs", 0))
         lung_only = float(params.pop("lung_only_prob", 0.0))
-        own = {
-            k: params.pop(k)
-            for k in ("teacher", "distill", "distill_T", "swap_background")
-            if k in params
-        }
+        passed = _ISNET_METHOD_PARAMS - {"seed", "warmup_epochs", "lung_only_prob"}
+        own = {k: params.pop(k) for k in passed if k in params}
         unknown = set(params) - _ISNET_CFG_FIELDS
         if unknown:
             raise ValueError(
