@@ -43,8 +43,8 @@ def auroc_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
-    """``dataset x comparator`` cells ``mean +- SD (k of n; below/above)`` of per-seed
-    differences (ISNet minus comparator)."""
+    """``(isnet, dataset) x comparator`` cells ``mean +- SD (k of n; below/above)`` of per-seed
+    differences (ISNet minus comparator; a study with several ISNets has one row block each)."""
 
     def cell(rows: pd.DataFrame) -> str:
         below = int((rows["ci_high"] < 0).sum())
@@ -53,9 +53,12 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
         sd = d.std() if len(d) > 1 else float("nan")
         return f"{d.mean():+.3f} +- {sd:.3f} ({below} below 0, {above} above, of {len(d)})"
 
-    table = paired.groupby(["dataset", "comparator"]).apply(cell, include_groups=False)
+    table = paired.groupby(["isnet", "dataset", "comparator"]).apply(cell, include_groups=False)
     table = table.unstack("comparator")
-    return table.reindex([d for d in DATASETS if d in table.index])
+    order = [(i, d) for i in dict.fromkeys(paired["isnet"]) for d in DATASETS]
+    table = table.reindex([k for k in order if k in table.index])
+    table.index = [f"{i}, {d}" for i, d in table.index]
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"seeds {seeds}; macro AUROC mean +- SD (mean balanced accuracy)")
     print(markdown_table(auroc_table(results)))
     print("\nISNet minus comparator, macro AUROC, per-seed differences")
-    print(markdown_table(paired_table(paired), index_name="dataset"))
+    print(markdown_table(paired_table(paired), index_name="isnet, dataset"))
     return 0
 
 

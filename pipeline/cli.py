@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import typer
@@ -182,7 +183,31 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _run_study_config(config: Path, quick: bool, out: Path | None, overrides: list[str]) -> None:
+def study_config_files(
+    config: Path, quick: bool = False, overlays: Sequence[Path] = ()
+) -> list[Path]:
+    """The files a study reads, in the order MONAI merges them: ``config``, then
+    ``<config>_quick.json`` with ``quick``, then each overlay (a key such as
+    ``"study_def#seeds"`` replaces that part of the config).
+
+    Raises:
+        FileNotFoundError: a file is missing (the message names it).
+    """
+    quick_files = [config.with_name(f"{config.stem}_quick.json")] if quick else []
+    files = [config, *quick_files, *overlays]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"study config not found: {f}")
+    return files
+
+
+def _run_study_config(
+    config: Path,
+    quick: bool,
+    out: Path | None,
+    overrides: list[str],
+    overlays: Sequence[Path] = (),
+) -> None:
     from monai.bundle import ConfigParser
 
     from cxr_io.manifest import ManifestError
@@ -190,15 +215,10 @@ def _run_study_config(config: Path, quick: bool, out: Path | None, overrides: li
     from pipeline.study import run_study
     from pipeline.tracking import TrackingStoreError, ui_hint
 
-    files = [config]
-    if quick:
-        overlay = config.with_name(f"{config.stem}_quick.json")
-        if not overlay.is_file():
-            _fail(f"--quick needs {overlay} beside {config}")
-        files.append(overlay)
-    for f in files:
-        if not f.is_file():
-            _fail(f"study config not found: {f}")
+    try:
+        files = study_config_files(config, quick, overlays)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
     try:
@@ -247,13 +267,18 @@ def study_run(
     config: Path = typer.Argument(Path("configs/study.json"), help="Study config (JSON)."),
     quick: bool = typer.Option(False, help="Apply <config>_quick.json: a small, fast run."),
     out: Path | None = typer.Option(None, help="Output folder (default: the config's)."),
+    overlay: list[Path] = typer.Option(
+        [],
+        help="Another config merged on top (after --quick, before --set), e.g. "
+        "configs/study_isnet_recipe.json; may be repeated.",
+    ),
     set_: list[str] = typer.Option(
         [], "--set", help="Override: KEY=JSON, e.g. study_def#seeds=[0,1]."
     ),
 ) -> None:
     """Run a study: train every method on the training sites, test on held-out sites, log to
     MLflow and write the report."""
-    _run_study_config(config, quick, out, set_)
+    _run_study_config(config, quick, out, set_, overlay)
 
 
 @app.command("demo")

@@ -220,3 +220,35 @@ def test_an_isnet_teacher_is_planned_first_and_keys_its_student(tmp_path):
     assert [d.name for *_, d in moved] == [d.name for *_, d in runs]
     retaught = plan(tmp_path / "a", epochs=3)  # every model changes, the students with them
     assert all(a[3] != b[3] for a, b in zip(runs, retaught, strict=True))
+
+
+def test_recipe_overlay_sets_the_three_seed_isnet_study(tmp_path):
+    """`--overlay configs/study_isnet_recipe.json` (or MONAI's list of config files) gives the
+    documented 3-seed study: the teacher + background-swap ISNet at P 0.5 beside its P 0
+    ablation, 40 epochs; the rest of configs/study.json is kept."""
+    from monai.bundle import ConfigParser
+
+    from pipeline.cli import study_config_files
+
+    base = ROOT / "configs" / "study.json"
+    files = study_config_files(base, overlays=[ROOT / "configs" / "study_isnet_recipe.json"])
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    cfg = parser.get_parsed_content("study")
+    shipped = StudyConfig.from_dict(_study_def())
+    assert cfg.seeds == (0, 1, 2) and cfg.train["epochs"] == 40
+    assert cfg.synthetic == shipped.synthetic and cfg.masks == shipped.masks
+    isnets = {m.display: m.params for m in cfg.methods if m.name == "isnet"}
+    assert len(isnets) == 2
+    for params in isnets.values():
+        assert params["teacher"] == "segment_then_classify" and params["swap_background"] is True
+    assert sorted(p["P"] for p in isnets.values()) == [0.0, 0.5]
+    assert any(m.train_data == "no_markers" for m in cfg.methods)
+    # --quick comes before the overlay; a missing overlay is named before any work
+    assert study_config_files(base, quick=True)[1].name == "study_quick.json"
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app, ["study", "run", str(base), "--overlay", "nosuch.json", "--out", str(out)]
+    )
+    assert res.exit_code == 2 and "study config not found: nosuch.json" in res.output
+    assert not out.exists()

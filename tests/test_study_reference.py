@@ -78,15 +78,28 @@ def test_reference_settings_are_checked() -> None:
 
 @pytest.mark.slow
 def test_study_reports_the_reference_and_pairs_isnet_with_it(tmp_path) -> None:
+    """Each ISNet is paired with the reference, and with the ISNets listed after it (an
+    ablation such as P 0 against P 0.5 is a paired comparison too)."""
+    ablation = {"name": "isnet", "label": "isnet-P0", "params": {"variant": "selective", "P": 0.0}}
     cfg = _cfg(
-        methods=[REFERENCE, {"name": "isnet", "params": {"variant": "selective"}}],
+        methods=[REFERENCE, {"name": "isnet", "params": {"variant": "selective"}}, ablation],
         train={"size": 32, "epochs": 1, "batch_size": 8, "tune_epochs": 1, "augment": False},
         n_boot=10,
         heatmap_examples=1,
     )
     res = run_study(cfg, tmp_path / "out", log=lambda _: None)
-    assert set(res.results["method"]) == {"reference-no-markers", "isnet-selective"}
-    assert set(res.paired["comparator"]) == {"reference-no-markers"}
+    assert set(res.results["method"]) == {"reference-no-markers", "isnet-selective", "isnet-P0"}
+    pairs = set(zip(res.paired["isnet"], res.paired["comparator"], strict=True))
+    assert pairs == {
+        ("isnet-selective", "reference-no-markers"),
+        ("isnet-selective", "isnet-P0"),
+        ("isnet-P0", "reference-no-markers"),
+    }
+    # the same pair, from each model's own metrics
+    one = res.paired[res.paired["comparator"] == "isnet-P0"].iloc[0]
+    by = res.results.set_index(["method", "dataset"])["auroc_macro"]
+    assert one["auroc_isnet"] == pytest.approx(by["isnet-selective", one["dataset"]])
+    assert one["auroc_comparator"] == pytest.approx(by["isnet-P0", one["dataset"]])
 
 
 def test_portable_site_is_an_external_site_without_markers() -> None:
