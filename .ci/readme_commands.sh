@@ -40,6 +40,7 @@ run isnet-cxr seg masks data/synthetic/manifest.csv --out with_masks/
 run isnet-cxr train --manifest with_masks/manifest.csv --method isnet --out runs/isnet --size 32 --epochs 1 --tune-epochs 1
 run isnet-cxr batch run /tmp/isnet-readme-dicoms --model runs/isnet/best_model.pt --out results/
 run isnet-cxr study run configs/study.json --set 'study_def#seeds=[0,1]' --out outputs/study_seeds "${TINY_STUDY[@]}"
+run isnet-cxr study run configs/study.json --overlay configs/study_isnet_recipe.json --out outputs/study_recipe "${TINY_STUDY[@]}" --set 'study_def#seeds=[0]'
 
 # --- Using it: from Python
 run python - <<'PY'
