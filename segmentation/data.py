@@ -37,6 +37,7 @@ from monai.transforms import (
     RandomizableTransform,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
     Resized,
     ScaleIntensityRangePercentilesd,
     ThresholdIntensityd,
@@ -67,6 +68,11 @@ class AugmentConfig:
     prob_opacity: float = 0.5
     prob_haze: float = 0.5
     opacity_edge: float = 0.0
+    #: a film of lower resolution (e.g. 64 px) as the network sees it: area-downsampled by a
+    #: zoom drawn from ``lowres_zoom``, then upsampled back by nearest neighbour, the image only
+    #: (the mask keeps the true lung extent). Off by default (a candidate, docs/segmentation.md).
+    prob_lowres: float = 0.0
+    lowres_zoom: tuple[float, float] = (0.4, 0.9)
 
 
 class RandLungOpacityd(RandomizableTransform, MapTransform):
@@ -227,6 +233,17 @@ def augmentations(cfg: AugmentConfig, spatial_size: Sequence[int], with_mask: bo
                 edge_prob=cfg.opacity_edge,
             )
         ]
+    lowres: list = []
+    if cfg.prob_lowres > 0:
+        lowres = [
+            RandSimulateLowResolutiond(
+                keys="image",
+                prob=cfg.prob_lowres,
+                downsample_mode="area",
+                upsample_mode="nearest",
+                zoom_range=cfg.lowres_zoom,
+            )
+        ]
     return [
         RandAffined(
             keys=keys,
@@ -238,6 +255,7 @@ def augmentations(cfg: AugmentConfig, spatial_size: Sequence[int], with_mask: bo
             padding_mode="zeros",
         ),
         *opacity,
+        *lowres,
         RandAdjustContrastd(keys="image", prob=cfg.prob_gamma, gamma=cfg.gamma),
         RandScaleIntensityd(keys="image", factors=cfg.contrast, prob=cfg.prob_contrast),
         RandShiftIntensityd(keys="image", offsets=0.05, prob=cfg.prob_contrast),

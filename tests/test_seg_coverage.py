@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from segmentation.data import AugmentConfig, RandLungOpacityd, train_transforms
+from segmentation.data import AugmentConfig, RandLungOpacityd, augmentations, train_transforms
 from segmentation.metrics import (
     added_density,
     coverage_of,
@@ -123,3 +123,22 @@ def test_train_chain_has_the_opacity_augmentation_and_can_switch_it_off():
     assert "RandLungOpacityd" in names
     off = train_transforms((32, 32), AugmentConfig(prob_opacity=0.0)).transforms
     assert "RandLungOpacityd" not in [type(t).__name__ for t in off]
+
+
+def test_low_resolution_augmentation_blocks_the_image_and_keeps_the_mask():
+    """``prob_lowres`` (off by default) makes the image what a film of half the size looks like
+    to the network: 2x2 blocks of its area average; the mask is untouched."""
+    names = [type(t).__name__ for t in train_transforms((32, 32)).transforms]
+    assert "RandSimulateLowResolutiond" not in names  # the committed recipe is unchanged
+    cfg = AugmentConfig(prob_lowres=1.0, lowres_zoom=(0.5, 0.5))
+    (lowres,) = [
+        t for t in augmentations(cfg, (48, 48)) if type(t).__name__ == "RandSimulateLowResolutiond"
+    ]
+    d = _sample()
+    d["image"] = np.random.default_rng(0).random((1, 48, 48), dtype=np.float32)
+    out = lowres(dict(d))
+    img = np.asarray(out["image"])[0]
+    area = d["image"][0].reshape(24, 2, 24, 2).mean(axis=(1, 3))
+    np.testing.assert_allclose(img[::2, ::2], area, atol=1e-6)
+    np.testing.assert_array_equal(img[1::2, 1::2], img[::2, ::2])
+    assert np.array_equal(np.asarray(out["mask"]), d["mask"])
