@@ -111,11 +111,22 @@ def write_spec(path: str | os.PathLike, spec: SegModelSpec) -> Path:
 
 
 def load_spec(ckpt: str | os.PathLike, default: SegModelSpec | None = None) -> SegModelSpec:
-    """The spec stored beside ``ckpt``, or ``default`` (or the defaults) when there is none."""
+    """The spec stored beside ``ckpt``, or ``default`` when there is none.
+
+    Raises:
+        FileNotFoundError: no sidecar and no ``default``. A U-Net is fully convolutional, so its
+            weights load into a network of any input size: guessing the size would give wrong
+            masks without an error (a 128-px model run at 256 px: Dice 0.76 instead of 0.98).
+    """
     side = sidecar_path(ckpt)
     if side.is_file():
         return SegModelSpec.from_dict(json.loads(side.read_text()))
-    return default or SegModelSpec()
+    if default is not None:
+        return default
+    raise FileNotFoundError(
+        f"{ckpt}: its spec {side} is missing. Training writes the U-Net's input size and layout "
+        f"there; copy it together with the checkpoint (or pass the spec explicitly)."
+    )
 
 
 def load_seg_model(
@@ -127,11 +138,12 @@ def load_seg_model(
 
     Args:
         ckpt: a plain state-dict file written by training.
-        spec: the network spec; ``None`` reads the sidecar JSON (or uses the defaults).
+        spec: the network spec; ``None`` reads the sidecar JSON (:func:`load_spec`).
         device: where to put the network.
 
     Raises:
-        FileNotFoundError: when ``ckpt`` does not exist.
+        FileNotFoundError: when ``ckpt`` does not exist, or its sidecar spec when ``spec`` is
+            not given.
         ValueError: when the weights do not fit the network described by the spec.
     """
     ckpt = Path(ckpt)

@@ -154,3 +154,27 @@ def test_metrics_dice_iou_hd95():
     assert summ["dice_mean"] == pytest.approx((s.dice + 1.0 + 0.0) / 3)
     with pytest.raises(ValueError, match="shape"):
         score_mask(a, np.zeros((10, 10), bool))
+
+
+def test_checkpoint_without_its_spec_is_refused(tmp_path):
+    """A U-Net's weights load into a network of any input size, so a checkpoint copied without
+    its sidecar JSON would run at the default size and give wrong masks silently: refused, with
+    the missing file named; with the spec given explicitly it loads."""
+    from segmentation.model import (
+        SegModelSpec,
+        build_from_spec,
+        load_seg_model,
+        save_checkpoint,
+        sidecar_path,
+    )
+
+    spec = SegModelSpec(channels=(4, 8), strides=(2,), spatial_size=(32, 32))
+    ckpt = save_checkpoint(build_from_spec(spec), tmp_path / "model.pt", spec)
+    assert load_seg_model(ckpt)[1].spatial_size == (32, 32)
+    copied = tmp_path / "copy" / "candidate.pt"
+    copied.parent.mkdir()
+    copied.write_bytes(ckpt.read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"candidate\.json is missing"):
+        load_seg_model(copied)
+    assert load_seg_model(copied, spec=spec)[1] == spec
+    assert not sidecar_path(copied).exists()
