@@ -142,6 +142,8 @@ def build_transforms(
                 translate_range=(a.translate * size, a.translate * size),
                 mode=["bilinear", "nearest"][: len(keys)],
                 padding_mode="zeros",
+                spatial_size=(size, size),
+                cache_grid=True,  # the same output, the sampling grid built once
             )
         )
     if augment is not None and augment.intensity > 0:

@@ -608,7 +608,7 @@ def make_method(
     tune_constants: bool = True,
     tune_epochs: int = 5,
     model_factory: Callable[[], nn.Module] | None = None,
-    loader: Iterable[dict[str, Any]] | None = None,
+    loader: Iterable[dict[str, Any]] | Callable[[], Iterable[dict[str, Any]]] | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
     lr: float = 1e-3,
@@ -617,7 +617,8 @@ def make_method(
 ) -> Method:
     """Build the training method; for ``isnet`` with ``tune_constants`` and no explicit C1/C2,
     tune them first (or, with ``resume``, reuse ``out_dir/isnet_constants.json``) and write them
-    to ``out_dir/isnet_constants.json``."""
+    to ``out_dir/isnet_constants.json``. ``loader`` (the tuning batches) may be a function
+    making it, called only when the constants are tuned."""
     params = dict(params or {})
     method = build_method(name, **params)
     if not isinstance(method, ISNet) or not tune_constants or {"C1", "C2"} & set(params):
@@ -628,6 +629,8 @@ def make_method(
         return method.with_constants(data["C1"], data["C2"])
     if model_factory is None or loader is None:
         raise ValueError("tuning ISNet constants needs model_factory and loader")
+    if callable(loader):
+        loader = loader()
     C1, C2 = tune_isnet_constants(
         model_factory,
         loader,
@@ -832,29 +835,24 @@ def train(
         probe = build_method(cfg.method, **cfg.method_params)
         policy = resolve_augment(cfg)
         select = resolve_select(cfg)
-        # C1/C2 are tuned on the deterministic transform: augmented images give other relevance
-        # totals (round 6: C1 2.69 augmented vs 9.79 plain) and a mis-scaled foreground term
-        tune_ds = build_dataset(
-            train_records, cfg.size, need_masks=probe.needs_masks, augment=None, cache=cfg.cache
-        )
-        tune_loader = build_loader(
-            tune_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers
-        )
         augment = AugmentConfig.from_policy(policy)
-        train_ds = (
-            tune_ds
-            if augment is None
-            else build_dataset(
-                train_records,
-                cfg.size,
-                need_masks=probe.needs_masks,
-                augment=augment,
-                cache=cfg.cache,
-            )
+        train_ds = build_dataset(
+            train_records, cfg.size, need_masks=probe.needs_masks, augment=augment, cache=cfg.cache
         )
         train_loader = build_loader(
             train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers
         )
+
+        def tune_loader() -> Iterable[dict[str, Any]]:
+            # C1/C2 are tuned on the deterministic transform: augmented images give other
+            # relevance totals (round 6: C1 2.69 augmented vs 9.79 plain) and a mis-scaled
+            # foreground term; built only when an ISNet tunes them (filling a cache costs time)
+            plain = train_ds
+            if augment is not None:
+                plain = build_dataset(
+                    train_records, cfg.size, need_masks=probe.needs_masks, cache=cfg.cache
+                )
+            return build_loader(plain, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
 
         model_factory = backbone_factory(
             cfg.backbone, num_classes, cfg.in_channels, cfg.dropout, cfg.width

@@ -59,7 +59,7 @@ def _figure(width: float, height: float):
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight", pad_inches=0.08)
+    fig.savefig(path, format="png")  # the constrained layout fits everything in the figure
     return path
 
 
@@ -340,12 +340,13 @@ def plot_heatmap_grid(
         bar = fig.colorbar(
             heat_image, ax=axes[:, 2:], orientation="horizontal", fraction=0.05, aspect=30, pad=0.02
         )
-        bar.set_label(
-            "|LRP relevance| of the predicted class, scaled to each panel's 99.5th "
-            "percentile (cyan: lung mask outline)",
+        bar.ax.tick_params(labelsize=7)
+        # under the whole figure (a label under a one-column bar would be cut off)
+        fig.supxlabel(
+            "|LRP relevance| of the predicted class, scaled to each panel's\n"
+            "99.5th percentile (cyan: lung mask outline)",
             fontsize=7,
         )
-        bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -8,7 +8,8 @@ A study (:class:`StudyConfig`, read from a JSON file in ``configs/``) runs:
    ``masks="segmenter"``);
 3. training: every (fold, method, seed) on the training sites' ``train`` rows, model selection on
    their ``val`` rows (a finished model is reused when the study is run again: resumable);
-   with ``workers`` > 1, that many models train at once, each in its own process;
+   with ``workers`` > 1, that many models train at once, each in its own process, while
+   this process evaluates (step 4) each model as soon as it is trained;
 4. evaluation: every model on the internal test split, each external site and each bias set,
    with bootstrap CIs over patients, LRP background-relevance metrics, and paired bootstrap tests
    of ISNet against each comparator;
@@ -26,7 +27,8 @@ import queue
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -41,6 +43,7 @@ from classification.train import (
     LR_SCHEDULES,
     TrainConfig,
     TrainResult,
+    method_needs_masks,
     resolve_augment,
     resolve_select,
     train,
@@ -75,6 +78,7 @@ from synthetic import (
     make_bias_test_sets,
     make_dataset,
     portable_site,
+    render_pool,
 )
 
 BIAS_KINDS = ("biased", "unbiased", "confounding")
@@ -431,11 +435,15 @@ def _bias_kind(site: str) -> str | None:
 
 
 def prepare_data(
-    cfg: StudyConfig, out_dir: Path, log: Callable[[str], None], progress: bool = False
+    cfg: StudyConfig,
+    out_dir: Path,
+    log: Callable[[str], None],
+    progress: bool = False,
+    pool: Executor | None = None,
 ) -> list[Path]:
     """The study's manifests: given ones, or the synthetic set generated (once) under
-    ``out_dir/data`` (a progress bar on stderr with ``progress``); the same spec twice reuses
-    the files."""
+    ``out_dir/data`` (a progress bar on stderr with ``progress``; rendered in ``pool``, else
+    in worker processes of its own); the same spec twice reuses the files."""
     if cfg.manifests:
         return [Path(m) for m in cfg.manifests]
 
@@ -455,40 +463,45 @@ def prepare_data(
         log(f"data: reusing {data_dir}")
         return paths
     sites = spec.sites()
-    log(f"data: generating {len(sites)} sites x {spec.n_per_site} images at {spec.size} px")
-    make_dataset(
-        paths[0].parent,
-        sites,
-        n_per_site=spec.n_per_site,
-        size=spec.size,
-        seed=spec.seed,
-        difficulty=spec.difficulty,
-        progress=progress,
-    )
-    if cfg.bias_sets:
-        base = next(s for s in sites if s.bias_correlation > 0)
-        log(f"data: generating biased/unbiased/confounding sets of {base.name}")
-        make_bias_test_sets(
-            paths[1].parent,
-            base,
-            n=spec.bias_test_n,
-            size=spec.size,
-            seed=spec.seed + 1,
-            difficulty=spec.difficulty,
-            progress=progress,
-        )
-    if cfg.wants_no_markers:
-        biased = [s for s in sites if s.bias_correlation > 0]
-        log(f"data: re-rendering {', '.join(s.name for s in biased)} without markers")
+    with contextlib.ExitStack() as stack:  # the worker processes start once for all sets
+        pool = pool or stack.enter_context(render_pool())
+        log(f"data: generating {len(sites)} sites x {spec.n_per_site} images at {spec.size} px")
         make_dataset(
-            paths[-1].parent,
-            bias_free_sites(biased, suffix=NO_MARKERS),
+            paths[0].parent,
+            sites,
             n_per_site=spec.n_per_site,
             size=spec.size,
             seed=spec.seed,
             difficulty=spec.difficulty,
-            progress=False,
+            progress=progress,
+            workers=pool,
         )
+        if cfg.bias_sets:
+            base = next(s for s in sites if s.bias_correlation > 0)
+            log(f"data: generating biased/unbiased/confounding sets of {base.name}")
+            make_bias_test_sets(
+                paths[1].parent,
+                base,
+                n=spec.bias_test_n,
+                size=spec.size,
+                seed=spec.seed + 1,
+                difficulty=spec.difficulty,
+                progress=progress,
+                workers=pool,
+            )
+        if cfg.wants_no_markers:
+            biased = [s for s in sites if s.bias_correlation > 0]
+            log(f"data: re-rendering {', '.join(s.name for s in biased)} without markers")
+            make_dataset(
+                paths[-1].parent,
+                bias_free_sites(biased, suffix=NO_MARKERS),
+                n_per_site=spec.n_per_site,
+                size=spec.size,
+                seed=spec.seed,
+                difficulty=spec.difficulty,
+                progress=False,
+                workers=pool,
+            )
     stamp.write_text(want)
     return paths
 
@@ -504,18 +517,34 @@ def synthetic_layout(spec: SyntheticSpec | None = None) -> dict[str, tuple[str, 
     }
 
 
+def _no_markers_need_masks(cfg: StudyConfig) -> bool:
+    """Whether a method trained on the marker-free rendering reads its lung masks (they are
+    used for training only: every model is evaluated on the study's own sets)."""
+    return any(
+        m.train_data == "no_markers" and method_needs_masks(m.name, m.params) for m in cfg.methods
+    )
+
+
 def ensure_masks(
     cfg: StudyConfig,
     manifests: Sequence[Path],
     out_dir: Path,
     log: Callable[[str], None],
     progress: bool = False,
+    unread: Collection[Path] = (),
+    pool: Executor | None = None,
 ) -> list[Path]:
-    """Manifests whose every row has a lung mask (segmenting rows without one; a progress bar
-    on stderr with ``progress``)."""
+    """Manifests whose every row has a lung mask (segmenting rows without one, in ``pool``'s
+    processes when given; a progress bar on stderr with ``progress``). The ``unread``
+    manifests, whose masks no method reads, are returned as they are (minutes of segmentation
+    saved)."""
     out = []
     for i, path in enumerate(manifests):
         df = load_manifest(path, check_mask_sizes=False)
+        if path in unread:
+            log(f"masks: not segmenting {path} (no method reads its masks)")
+            out.append(path)
+            continue
         if cfg.masks == "manifest" and (df["mask"] != "").all():
             out.append(path)
             continue
@@ -532,7 +561,9 @@ def ensure_masks(
         n_todo = int(len(df) if cfg.masks == "segmenter" else (df["mask"] == "").sum())
         log(f"masks: segmenting {n_todo} images of {path} with {seg}")
         with _folder_progress(target / "masks", n_todo, "lung masks", enabled=progress):
-            out.append(write_masks(path, seg, target, overwrite=cfg.masks == "segmenter"))
+            out.append(
+                write_masks(path, seg, target, overwrite=cfg.masks == "segmenter", pool=pool)
+            )
     return out
 
 
@@ -644,19 +675,22 @@ def run_study(
     uri = resolve_tracking_uri(out / "mlflow")
     check_tracking_store(uri)
     log(f"tracking: {uri}")
-    data = prepare_data(cfg, out, log, progress=progress)
-    manifests = ensure_masks(cfg, data, out, log, progress=progress)
+    with render_pool() as pool:  # one set of worker processes renders and segments
+        data = prepare_data(cfg, out, log, progress=progress, pool=pool)
+        unread = data[-1:] if cfg.wants_no_markers and not _no_markers_need_masks(cfg) else []
+        manifests = ensure_masks(cfg, data, out, log, progress, unread=unread, pool=pool)
     df = pd.concat([load_manifest(m) for m in manifests], ignore_index=True)
     classes = class_names(df)
     folds = plan_folds(cfg, df)
     base_train = TrainConfig(**cfg.train)
-    if cfg.workers > 1:  # else each model trains inside its MLflow run below
-        train_models(cfg, folds, base_train, out, classes, log)
     rows: list[dict[str, Any]] = []
     probs_by: dict[tuple[str, str, int, str], Predictions] = {}
     examples: dict[str, list] = {}
 
+    # with workers > 1 the models train in worker processes while this one evaluates each
+    # as soon as it is ready; else each model trains inside its MLflow run below
     with (
+        TrainingPhase(cfg, folds, base_train, out, classes, log) as training,
         StudyTracker(cfg.name, cfg.to_dict(), tracking_uri=uri) as tracker,
         surfaced_read_errors(),
     ):
@@ -670,6 +704,7 @@ def run_study(
                 rows_train, rows_val = fold.training_rows(spec)
                 params["train_data"] = spec.train_data
                 with tracker.training_run(spec.display, seed, params, rows_train) as tr:
+                    training.wait(run_dir)
                     history = _train_once(
                         train,
                         tcfg,
@@ -686,27 +721,29 @@ def run_study(
                     model_id = tr.log_pyfunc_model(run_dir, name=spec.display)
                     tr.log_model_folder(run_dir)
                     predictor = Predictor(model, card)  # masks come from the manifest
-                    for ev in fold.evals:
-                        keep = cfg.heatmap_examples
-                        pred, metrics = _evaluate_on(
-                            tracker, tr, model_id, predictor, ev, classes, tcfg, cfg, keep
-                        )
-                        rows.append(
-                            {
-                                "fold": fold.name,
-                                "method": spec.display,
-                                "seed": seed,
-                                "dataset": ev.name,
-                                "kind": ev.kind,
-                                **metrics,
-                            }
-                        )
-                        probs_by[(fold.name, spec.display, seed, ev.name)] = pred
-                        if pred.examples:
-                            examples.setdefault(f"{fold.name}/{ev.name}", []).append(
-                                (spec.display, pred.examples)
+                    # fewer threads while other models still train: no oversubscription
+                    with torch_threads(training.spare_threads()):
+                        for ev in fold.evals:
+                            keep = cfg.heatmap_examples
+                            pred, metrics = _evaluate_on(
+                                tracker, tr, model_id, predictor, ev, classes, tcfg, cfg, keep
                             )
-                        log(_summary_line(spec.display, ev.name, metrics))
+                            rows.append(
+                                {
+                                    "fold": fold.name,
+                                    "method": spec.display,
+                                    "seed": seed,
+                                    "dataset": ev.name,
+                                    "kind": ev.kind,
+                                    **metrics,
+                                }
+                            )
+                            probs_by[(fold.name, spec.display, seed, ev.name)] = pred
+                            if pred.examples:
+                                examples.setdefault(f"{fold.name}/{ev.name}", []).append(
+                                    (spec.display, pred.examples)
+                                )
+                            log(_summary_line(spec.display, ev.name, metrics))
         results = pd.DataFrame(rows)
         paired = _paired_tests(cfg, folds, probs_by, classes)
         report, markdown, conclusion, caption = _write_evidence(
@@ -887,19 +924,15 @@ class _TrainJob(NamedTuple):
     after: Path | None = None
 
 
-def train_models(
+def _unfinished_jobs(
     cfg: StudyConfig,
     folds: Sequence[Fold],
     base_train: TrainConfig,
     out: Path,
     classes: Sequence[str],
-    log: Callable[[str], None],
-) -> None:
-    """Train every unfinished model of the study into its folder (:func:`planned_runs`): one
-    after the other in this process with ``cfg.workers`` 1, else ``cfg.workers`` at a time, each
-    in a spawned process (:func:`_train_job`). On the first failure, or an interruption
-    (Ctrl-C), the worker processes are terminated and the error is raised; every model keeps its
-    last epoch checkpoint, so the next run resumes it (bit-identically)."""
+) -> list[_TrainJob]:
+    """Every model of the study without a finished one in its folder, in :func:`planned_runs`'
+    order (teachers first)."""
     jobs = []
     for fold in folds:
         for spec, seed, tcfg, run_dir in planned_runs(cfg, fold, base_train, out):
@@ -909,36 +942,141 @@ def train_models(
                 after = Path(teacher).parent if teacher else None
                 if after is not None and (after / "done.json").is_file():
                     after = None
-                rows = fold.training_rows(spec)
-                jobs.append(_TrainJob(tcfg, rows, classes, run_dir, tag, after))
+                jobs.append(_TrainJob(tcfg, fold.training_rows(spec), classes, run_dir, tag, after))
+    return jobs
+
+
+class _Stop(Exception):
+    """Put in the job queue to stop the scheduler (the study stopped for another reason)."""
+
+
+class TrainingPhase:
+    """The study's unfinished models, ``cfg.workers`` at a time, each in a spawned process, fed
+    by a background thread (:func:`_run_jobs`), while the caller goes on: :meth:`wait` blocks
+    until one model is trained, so the study evaluates each model as soon as it is ready
+    instead of after the last one. With ``cfg.workers`` 1 it does nothing (the study trains
+    each model in its MLflow run).
+
+    Leaving the ``with`` block on an error or an interruption (Ctrl-C) terminates the worker
+    processes at once; every model keeps its last epoch checkpoint, so the next run resumes it
+    (bit-identically). A failed training is raised by :meth:`wait` of any model not yet done.
+    """
+
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        folds: Sequence[Fold],
+        base_train: TrainConfig,
+        out: Path,
+        classes: Sequence[str],
+        log: Callable[[str], None],
+    ) -> None:
+        import threading
+
+        self._jobs = (
+            [] if cfg.workers == 1 else _unfinished_jobs(cfg, folds, base_train, out, classes)
+        )
+        self._slots = min(cfg.workers, len(self._jobs))
+        self._threads = base_train.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
+        self._log = log
+        self._queue: queue.Queue[tuple[_TrainJob | None, BaseException | None]] = queue.Queue()
+        self._done: set[Path] = set()
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._schedule, name="study-training", daemon=True)
+
+    def __enter__(self) -> TrainingPhase:
+        if self._jobs:
+            self._log(
+                f"training {len(self._jobs)} models, {self._slots} at a time "
+                f"({self._threads} thread(s) each)"
+            )
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if self._thread.is_alive():
+            if exc_type is not None:  # stop the workers now, do not wait for them
+                self._queue.put((None, _Stop()))
+            self._thread.join()
+
+    def wait(self, run_dir: Path) -> None:
+        """Block until the model of ``run_dir`` is trained (at once for one that is not
+        trained here); raise the training error that stopped the phase."""
+        if not any(job.run_dir == run_dir for job in self._jobs):
+            return
+        with self._changed:
+            self._changed.wait_for(lambda: run_dir in self._done or self._error is not None)
+            if run_dir not in self._done:
+                raise self._error  # type: ignore[misc]  # not None here
+
+    def spare_threads(self) -> int:
+        """PyTorch threads for this process while models still train in the workers (the
+        cores they leave); 0 (leave the setting) when none trains any more."""
+        if not self._thread.is_alive():
+            return 0
+        return max(1, (os.cpu_count() or 1) - self._slots * self._threads)
+
+    def wait_all(self) -> None:
+        """Block until every model is trained."""
+        for job in self._jobs:
+            self.wait(job.run_dir)
+
+    def _schedule(self) -> None:
+        # spawn: no fork of a process holding torch threads
+        pool = multiprocessing.get_context("spawn").Pool(self._slots)
+        try:
+            _run_jobs(
+                pool, self._jobs, self._threads, self._slots, self._log, self._queue, self._trained
+            )
+            pool.close()
+        except BaseException as err:  # handed to the thread waiting for a model
+            pool.terminate()
+            with self._changed:
+                self._error = err
+                self._changed.notify_all()
+        finally:
+            pool.join()
+
+    def _trained(self, job: _TrainJob) -> None:
+        with self._changed:
+            self._done.add(job.run_dir)
+            self._changed.notify_all()
+
+
+def train_models(
+    cfg: StudyConfig,
+    folds: Sequence[Fold],
+    base_train: TrainConfig,
+    out: Path,
+    classes: Sequence[str],
+    log: Callable[[str], None],
+) -> None:
+    """Train every unfinished model of the study into its folder (:func:`planned_runs`): one
+    after the other in this process with ``cfg.workers`` 1, else in a :class:`TrainingPhase`.
+    Raises the first training error."""
     if cfg.workers == 1:
-        for job in jobs:  # planned_runs' order: teachers first
+        for job in _unfinished_jobs(cfg, folds, base_train, out, classes):
             _train_once(train, job.tcfg, job.rows, job.classes, job.run_dir, log, job.tag)
         return
-    if not jobs:
-        return
-    threads = base_train.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
-    log(f"training {len(jobs)} models, {cfg.workers} at a time ({threads} thread(s) each)")
-    # spawn: no fork of a process holding torch threads
-    pool = multiprocessing.get_context("spawn").Pool(min(cfg.workers, len(jobs)))
-    try:
-        _run_jobs(pool, jobs, threads, min(cfg.workers, len(jobs)), log)
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
+    with TrainingPhase(cfg, folds, base_train, out, classes, log) as phase:
+        phase.wait_all()
 
 
 def _run_jobs(
-    pool: Any, jobs: Sequence[_TrainJob], threads: int, slots: int, log: Callable[[str], None]
+    pool: Any,
+    jobs: Sequence[_TrainJob],
+    threads: int,
+    slots: int,
+    log: Callable[[str], None],
+    finished: queue.Queue[tuple[_TrainJob | None, BaseException | None]],
+    on_trained: Callable[[_TrainJob], None],
 ) -> None:
     """Feed ``jobs`` to ``pool`` ``slots`` at a time, each once the model it needs is trained:
     teachers first (they unblock others), then the most expensive (:data:`_COST_ORDER`), so
-    no worker idles at the end. Raises the first job's error."""
+    no worker idles at the end; ``on_trained`` is called with each job done. Raises the first
+    job's error, or the error put in ``finished``."""
     teachers = {job.after for job in jobs if job.after is not None}
-    finished: queue.Queue[tuple[_TrainJob, BaseException | None]] = queue.Queue()
     waiting, trained, running = list(jobs), set(), 0
     while waiting or running:
         ready = [job for job in waiting if job.after is None or job.after in trained]
@@ -960,6 +1098,7 @@ def _run_jobs(
             raise err
         trained.add(job.run_dir)
         log(f"  {job.tag}: trained")
+        on_trained(job)
 
 
 def _train_job(job_threads: tuple[_TrainJob, int]) -> str:
@@ -967,7 +1106,8 @@ def _train_job(job_threads: tuple[_TrainJob, int]) -> str:
     (log lines to stdout); returns its tag."""
     job, threads = job_threads
     log = partial(print, flush=True)
-    with torch_threads(threads):
+    # the read error itself crosses back to the study (a wrapping error loses its cause there)
+    with torch_threads(threads), surfaced_read_errors():
         _train_once(train, job.tcfg, job.rows, job.classes, job.run_dir, log, job.tag)
     return job.tag
 

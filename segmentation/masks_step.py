@@ -14,13 +14,50 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pandas as pd
 
+from cxr_io.determinism import torch_threads
 from cxr_io.manifest import load_manifest, write_manifest
+from cxr_io.readers import surfaced_read_errors
 from segmentation.export import write_mask_png
 from segmentation.infer import PostprocessConfig, QualityThresholds, SegResult, predict_files
+
+
+class _MaskRow(NamedTuple):
+    """One segmented image: its path, the mask file written, the quality verdict and flags."""
+
+    image: str
+    mask: str
+    ok: bool
+    flags: str
+
+
+def _segment(
+    images: Sequence[str], ckpt: str, mask_dir: Path, settings: dict[str, Any]
+) -> list[_MaskRow]:
+    """Segment ``images``, write each mask PNG into ``mask_dir``; rows in input order."""
+    rows: list[_MaskRow] = []
+
+    def sink(res: SegResult) -> None:
+        path = write_mask_png(res.mask, mask_dir / f"{mask_key(res.image)}.png")
+        rows.append(
+            _MaskRow(res.image, str(path.resolve()), res.quality.ok, ";".join(res.quality.flags))
+        )
+
+    if images:
+        predict_files(images, ckpt, sink=sink, **settings)
+    return rows
+
+
+def _segment_in_worker(job: tuple[Sequence[str], str, Path, dict[str, Any]]) -> list[_MaskRow]:
+    """:func:`_segment` in a worker process, with one PyTorch thread (one process per core)."""
+    with torch_threads(1), surfaced_read_errors():  # the read error itself crosses back
+        return _segment(*job)
 
 
 def mask_key(image_path: str) -> str:
@@ -39,6 +76,7 @@ def write_masks(
     device: str = "cpu",
     post: PostprocessConfig | None = None,
     thresholds: QualityThresholds | None = None,
+    pool: Executor | None = None,
 ) -> Path:
     """Segment the manifest's images and write a manifest with ``mask`` filled.
 
@@ -49,6 +87,9 @@ def write_masks(
         overwrite: also re-segment rows that already have a mask.
         batch_size, num_workers, device: inference settings.
         post, thresholds: post-processing and quality settings.
+        pool: worker processes (e.g. :func:`synthetic.render_pool`) that segment the images in
+            chunks, one PyTorch thread each (the resizing, post-processing and quality checks
+            are single-threaded: one process per core is faster); None: this process.
 
     Returns:
         The path of the new manifest, ``<out_dir>/manifest.csv``.
@@ -65,25 +106,25 @@ def write_masks(
     row_of = dict(zip(images, todo, strict=True))
     mask_dir = out_dir / "masks"
 
-    def sink(res: SegResult) -> None:
-        i = row_of[res.image]
-        path = write_mask_png(res.mask, mask_dir / f"{mask_key(res.image)}.png")
-        df.at[i, "mask"] = str(path.resolve())
+    def record(row: _MaskRow) -> None:
+        i = row_of[row.image]
+        df.at[i, "mask"] = row.mask
         df.at[i, "mask_source"] = "predicted"
-        df.at[i, "seg_ok"] = str(res.quality.ok)
-        df.at[i, "seg_flags"] = ";".join(res.quality.flags)
+        df.at[i, "seg_ok"] = str(row.ok)
+        df.at[i, "seg_flags"] = row.flags
 
-    if images:
-        predict_files(
-            images,
-            model_ckpt,
-            device=device,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            post=post,
-            thresholds=thresholds,
-            sink=sink,
-        )
+    settings = {"device": device, "batch_size": batch_size, "num_workers": num_workers}
+    settings |= {"post": post, "thresholds": thresholds}
+    if pool is None:
+        for row in _segment(images, str(model_ckpt), mask_dir, settings):
+            record(row)
+    else:
+        step = max(1, min(64, -(-len(images) // 8)))  # chunks: balance vs. model loads
+        chunks = [images[k : k + step] for k in range(0, len(images), step)]
+        jobs = [(c, str(model_ckpt), mask_dir, settings) for c in chunks]
+        for rows in pool.map(_segment_in_worker, jobs):
+            for row in rows:
+                record(row)
     missing = [df.at[i, "image"] for i in todo if df.at[i, "mask_source"] != "predicted"]
     if missing:  # pragma: no cover - the evaluator raises before this on unreadable images
         raise RuntimeError(f"{len(missing)} image(s) got no mask, first: {missing[0]}")

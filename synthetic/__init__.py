@@ -22,7 +22,13 @@ changing any other pixel.
 """
 
 from synthetic.acquisition import SyntheticCase, acquire, window_tags, write_dicom
-from synthetic.dataset import make_bias_test_sets, make_dataset, render_case, render_previews
+from synthetic.dataset import (
+    make_bias_test_sets,
+    make_dataset,
+    render_case,
+    render_pool,
+    render_previews,
+)
 from synthetic.markers import marker_stamp, place_marker
 from synthetic.phantom import Anatomy, draw_anatomy, draw_finding, finding_amplitude
 from synthetic.sites import (
@@ -68,6 +74,7 @@ __all__ = [
     "image_seed",
     "make_bias_test_sets",
     "make_dataset",
+    "render_pool",
     "marker_stamp",
     "place_marker",
     "portable_site",

@@ -274,6 +274,39 @@ def test_parallel_training_gives_the_serial_results(tiny_data, tmp_path):
     pd.testing.assert_frame_equal(results[1][cols], results[2][cols])
 
 
+def test_each_model_is_evaluated_as_soon_as_it_is_trained(tiny_data, tmp_path):
+    """With workers, the study evaluates a finished model while another still trains (the
+    evaluation fills the cores a lone last training leaves idle): the ISNet starts only once
+    its teacher is trained, and the teacher is evaluated meanwhile."""
+    teacher = "segment_then_classify"
+    methods = [teacher, {"name": "isnet", "params": {"variant": "stochastic", "teacher": teacher}}]
+    cfg = replace(
+        _config(tiny_data, methods, "overlap"),
+        train={**TINY_TRAIN, "epochs": 30, "threads": 1},
+        workers=2,
+    )
+    lines: list[str] = []
+    run_study(cfg, tmp_path / "out", command="pytest", log=lines.append)
+    first_eval = next(i for i, ln in enumerate(lines) if f" {teacher} " in ln and "AUROC" in ln)
+    isnet_done = next(i for i, ln in enumerate(lines) if "isnet-stochastic/seed0: trained" in ln)
+    assert first_eval < isnet_done, lines
+
+
+def test_a_training_error_in_a_worker_stops_the_study_with_that_error(tiny_data, tmp_path):
+    manifests = _copy_data(tiny_data, tmp_path / "data")
+    df = load_manifest(manifests[0])
+    rows = df[(df["site"] == "hospital-a") & (df["split"] == "train")]
+    victim = Path(rows["image"].iloc[0])
+    victim.write_bytes(victim.read_bytes()[:300])  # a header, no pixels
+    cfg = replace(
+        _config(manifests, ["standard", "segment_then_classify"], "worker-crash"),
+        train={**TINY_TRAIN, "threads": 1},
+        workers=2,
+    )
+    with pytest.raises(CXRReadError, match=victim.name):
+        run_study(cfg, tmp_path / "out", command="pytest", log=lambda _: None)
+
+
 def test_workers_must_be_a_positive_integer():
     with pytest.raises(ValueError, match="workers must be an integer >= 1"):
         StudyConfig.from_dict({"workers": 0})

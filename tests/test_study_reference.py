@@ -16,6 +16,8 @@ from pipeline.study import (
     NO_MARKERS,
     MethodSpec,
     StudyConfig,
+    _no_markers_need_masks,
+    ensure_masks,
     plan_folds,
     prepare_data,
     run_study,
@@ -108,3 +110,21 @@ def test_portable_site_is_an_external_site_without_markers() -> None:
     assert cfg.train_sites == ("hospital-a", "hospital-b")
     site = cfg.synthetic.sites()[-1]
     assert site.name == "hospital-d" and site.marker_style == "none"
+
+
+def test_marker_free_rendering_is_segmented_only_when_a_method_reads_its_masks(tmp_path) -> None:
+    """The reference (a standard classifier) never reads lung masks: segmenting its training
+    images would cost minutes of the demo for nothing; a mask-reading method on it gets them."""
+    assert not _no_markers_need_masks(_cfg())
+    stc_free = {"name": "segment_then_classify", "label": "stc-free", "train_data": "no_markers"}
+    assert _no_markers_need_masks(_cfg(methods=["segment_then_classify", stc_free]))
+
+    cfg = _cfg(masks="segmenter")
+    sites, free = prepare_data(cfg, tmp_path, log=lambda _: None)
+    lines: list[str] = []
+    out = ensure_masks(cfg, [sites, free], tmp_path, lines.append, unread=[free])
+    assert out[1] == free  # returned as generated, nothing segmented
+    assert out[0] != sites and (load_manifest(out[0])["mask_source"] == "predicted").all()
+    assert [line for line in lines if "not segmenting" in line] == [
+        f"masks: not segmenting {free} (no method reads its masks)"
+    ]
