@@ -26,6 +26,7 @@ import os
 import queue
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Executor
@@ -971,8 +972,6 @@ class TrainingPhase:
         classes: Sequence[str],
         log: Callable[[str], None],
     ) -> None:
-        import threading
-
         self._jobs = (
             [] if cfg.workers == 1 else _unfinished_jobs(cfg, folds, base_train, out, classes)
         )
