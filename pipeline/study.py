@@ -444,7 +444,7 @@ def prepare_data(
 ) -> list[Path]:
     """The study's manifests: given ones, or the synthetic set generated (once) under
     ``out_dir/data`` (a progress bar on stderr with ``progress``; rendered in ``pool``, else
-    in worker processes of its own); the same spec twice reuses the files."""
+    each set in worker processes of its own); the same spec twice reuses the files."""
     if cfg.manifests:
         return [Path(m) for m in cfg.manifests]
 
@@ -464,45 +464,43 @@ def prepare_data(
         log(f"data: reusing {data_dir}")
         return paths
     sites = spec.sites()
-    with contextlib.ExitStack() as stack:  # the worker processes start once for all sets
-        pool = pool or stack.enter_context(render_pool())
-        log(f"data: generating {len(sites)} sites x {spec.n_per_site} images at {spec.size} px")
-        make_dataset(
-            paths[0].parent,
-            sites,
-            n_per_site=spec.n_per_site,
+    log(f"data: generating {len(sites)} sites x {spec.n_per_site} images at {spec.size} px")
+    make_dataset(
+        paths[0].parent,
+        sites,
+        n_per_site=spec.n_per_site,
+        size=spec.size,
+        seed=spec.seed,
+        difficulty=spec.difficulty,
+        progress=progress,
+        workers=pool,
+    )
+    if cfg.bias_sets:
+        base = next(s for s in sites if s.bias_correlation > 0)
+        log(f"data: generating biased/unbiased/confounding sets of {base.name}")
+        make_bias_test_sets(
+            paths[1].parent,
+            base,
+            n=spec.bias_test_n,
             size=spec.size,
-            seed=spec.seed,
+            seed=spec.seed + 1,
             difficulty=spec.difficulty,
             progress=progress,
             workers=pool,
         )
-        if cfg.bias_sets:
-            base = next(s for s in sites if s.bias_correlation > 0)
-            log(f"data: generating biased/unbiased/confounding sets of {base.name}")
-            make_bias_test_sets(
-                paths[1].parent,
-                base,
-                n=spec.bias_test_n,
-                size=spec.size,
-                seed=spec.seed + 1,
-                difficulty=spec.difficulty,
-                progress=progress,
-                workers=pool,
-            )
-        if cfg.wants_no_markers:
-            biased = [s for s in sites if s.bias_correlation > 0]
-            log(f"data: re-rendering {', '.join(s.name for s in biased)} without markers")
-            make_dataset(
-                paths[-1].parent,
-                bias_free_sites(biased, suffix=NO_MARKERS),
-                n_per_site=spec.n_per_site,
-                size=spec.size,
-                seed=spec.seed,
-                difficulty=spec.difficulty,
-                progress=False,
-                workers=pool,
-            )
+    if cfg.wants_no_markers:
+        biased = [s for s in sites if s.bias_correlation > 0]
+        log(f"data: re-rendering {', '.join(s.name for s in biased)} without markers")
+        make_dataset(
+            paths[-1].parent,
+            bias_free_sites(biased, suffix=NO_MARKERS),
+            n_per_site=spec.n_per_site,
+            size=spec.size,
+            seed=spec.seed,
+            difficulty=spec.difficulty,
+            progress=False,
+            workers=pool,
+        )
     stamp.write_text(want)
     return paths
 

@@ -162,20 +162,17 @@ def _make_one(task: _Task) -> dict[str, str]:
     }
 
 
-def _default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
-
-
 @contextlib.contextmanager
 def render_pool(workers: int | None = None) -> Iterator[ProcessPoolExecutor | None]:
     """Worker processes to render several datasets with (``workers=`` of :func:`make_dataset`
-    and :func:`make_bias_test_sets`): each spawned process starts once (seconds of imports)
-    instead of once per set. None (render in-process) with ``workers`` <= 1.
+    and :func:`make_bias_test_sets`; the study also segments in them, ``pool=`` of
+    :func:`segmentation.masks_step.write_masks`): each spawned process starts once (seconds of
+    imports) instead of once per set. None (render in-process) with ``workers`` <= 1.
 
     Args:
         workers: processes (default ``min(4, cpu_count)``).
     """
-    workers = _default_workers() if workers is None else workers
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
     if workers <= 1:
         yield None
         return
@@ -194,9 +191,10 @@ def _run_tasks(
     try:
         if isinstance(workers, ProcessPoolExecutor):
             return _map_in(workers, tasks, bar)
-        if len(tasks) > 4 and (_default_workers() if workers is None else workers) > 1:
+        if len(tasks) > 4:
             with render_pool(workers) as pool:
-                return _map_in(pool, tasks, bar)
+                if pool is not None:
+                    return _map_in(pool, tasks, bar)
         rows = []
         for t in tasks:
             rows.append(_make_one(t))
