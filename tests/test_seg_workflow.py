@@ -239,6 +239,29 @@ def test_masks_step_in_worker_processes_writes_the_same_manifest(trained, datase
         assert same > 0.99, (a, same)  # one thread vs. several: rounding at the threshold
 
 
+def test_masks_step_in_worker_processes_names_an_unreadable_file(trained, dataset, tmp_path):
+    """A damaged image segmented in a worker process stops the step with the read error that
+    names it (not a wrapping error that lost its cause crossing the process boundary)."""
+    from cxr_io.readers import CXRReadError
+    from segmentation.masks_step import write_masks
+    from synthetic import render_pool
+
+    df = load_manifest(dataset, check_mask_sizes=False)
+    victim = tmp_path / "cut.dcm"
+    good = Path(df["image"].iloc[0]).read_bytes()
+    victim.write_bytes(good[: len(good) // 2])
+    df.loc[df.index[0], "image"] = str(victim)
+    manifest = write_manifest(df, tmp_path / "in" / "manifest.csv")
+    with render_pool(2) as pool, pytest.raises(CXRReadError, match="cut.dcm"):
+        write_masks(
+            manifest,
+            trained["out"] / "models" / "model.pt",
+            tmp_path / "o",
+            overwrite=True,
+            pool=pool,
+        )
+
+
 def test_cli_predict_and_masks(trained, dataset, tmp_path):
     from typer.testing import CliRunner
 
