@@ -149,6 +149,37 @@ def test_maxpool2x2_equals_nn_maxpool():
     torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
 
 
+def test_maxpool2x2_gradients_are_the_plain_graphs_first_and_second_order():
+    """The pooling's hand-written backward gives the numbers autograd gives through the three
+    torch.maximum calls, ties (split 1/2, 1/4) and odd sizes included, also when differentiated
+    again (LRP / ISNet / RRR losses): the speed-up must not move a single training step."""
+    from classification.models import MaxPool2x2, _max_pool_2x2
+
+    gen = torch.Generator().manual_seed(0)
+    # small integers: many 2-, 3- and 4-way ties in the 2x2 windows
+    x0 = torch.randint(0, 3, (3, 2, 9, 11), generator=gen).float()
+    x0[0] = torch.randn(2, 9, 11, generator=gen)
+    g = torch.randn(3, 2, 4, 5, generator=gen)
+    u = torch.randn(3, 2, 9, 11, generator=gen)
+    results = []
+    for pool in (_max_pool_2x2, MaxPool2x2()):
+        x = x0.clone().requires_grad_(True)
+        gg = g.clone().requires_grad_(True)
+        y = pool(x * 1.0)
+        (gx,) = torch.autograd.grad(y, x, gg, create_graph=True)
+        (ggg,) = torch.autograd.grad((gx * u).sum(), gg)
+        results.append((y.detach(), gx.detach(), ggg))
+    for new, ref in zip(results[1], results[0], strict=True):
+        assert bool((new == ref).all())  # equal numbers (== ignores the sign of a zero)
+    windows = x0[..., :8, :10].unfold(-2, 2, 2).unfold(-2, 2, 2).flatten(-2)  # [3, 2, 4, 5, 4]
+    n_max = (windows == windows.amax(-1, keepdim=True)).sum(-1)
+    assert all(bool((n_max == k).any()) for k in (1, 2, 3, 4))  # the test covers every tie
+    x = torch.randn(2, 1, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(MaxPool2x2(), (x,))
+    with torch.no_grad():  # no gradient wanted: the plain views, the same values
+        assert torch.equal(MaxPool2x2()(x0), _max_pool_2x2(x0))
+
+
 def test_small_cnn_width_and_its_model_card(tmp_path):
     from classification.model_card import load_model, write_model_card
 
