@@ -8,13 +8,14 @@ the dataset (no patient identifiers travel with the batches). After the transfor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import CacheDataset, DataLoader, Dataset, get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -35,6 +36,7 @@ __all__ = [
     "build_loader",
     "build_transforms",
     "clean_records",
+    "plain_tensors",
 ]
 
 KEEP_KEYS = ("image", "mask", "label")
@@ -154,6 +156,21 @@ def build_transforms(
     xs.append(EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False))
     xs.append(EnsureTyped(keys=["label"], dtype=torch.long, track_meta=False))
     return Compose(xs)
+
+
+@contextmanager
+def plain_tensors() -> Iterator[None]:
+    """Inside: MONAI transforms compute on plain ``torch.Tensor`` s, not ``MetaTensor`` s (MONAI's
+    ``set_track_meta(False)``; the previous setting is restored on exit). The samples already
+    leave the chain as plain tensors (:func:`build_transforms`); this only spares the
+    per-sample metadata bookkeeping inside the chain (about half the cost of ``RandAffined``),
+    with the same numbers (tests/test_train.py)."""
+    before = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(before)
 
 
 def build_dataset(

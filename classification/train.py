@@ -49,7 +49,13 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import set_determinism
 from torch import Tensor, nn
 
-from classification.data import AUGMENT_POLICIES, AugmentConfig, build_dataset, build_loader
+from classification.data import (
+    AUGMENT_POLICIES,
+    AugmentConfig,
+    build_dataset,
+    build_loader,
+    plain_tensors,
+)
 from classification.isnet_loss import ISNetLossConfig, make_selector, tune_c1_c2
 from classification.lrp import lrp_heatmaps
 from classification.methods import ISNet, Method, build_method
@@ -827,7 +833,7 @@ def train(
             f"init_from: {cfg.init_from} is not a file; give the best_model.pt (a state dict) "
             f"of an earlier {cfg.backbone} run, or leave init_from empty for a random start"
         )
-    with torch_threads(cfg.threads):
+    with torch_threads(cfg.threads), plain_tensors():
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         set_determinism(seed=cfg.seed)

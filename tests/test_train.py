@@ -272,6 +272,31 @@ def test_augment_policies_build_the_named_transforms() -> None:
         AugmentConfig.from_policy("strong")
 
 
+def test_plain_tensor_transforms_give_the_same_samples_and_restore_the_setting(splits) -> None:
+    """``plain_tensors`` (MONAI without MetaTensor bookkeeping, as ``train`` runs its data) is a
+    speed-up only: the augmented image / mask samples are bit for bit those of the default."""
+    from monai.data import get_track_meta
+
+    from classification.data import plain_tensors
+
+    def samples() -> list[dict]:
+        ds = build_dataset(splits["train"], SIZE, need_masks=True, augment=AugmentConfig())
+        ds.transform.set_random_state(5)
+        return [ds[i] for i in range(len(ds)) for _ in range(3)]
+
+    default = samples()
+    assert get_track_meta()
+    with plain_tensors():
+        assert not get_track_meta()
+        plain = samples()
+    assert get_track_meta()
+    for a, b in zip(default, plain, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    with pytest.raises(RuntimeError), plain_tensors():
+        raise RuntimeError("stop")
+    assert get_track_meta()
+
+
 def test_mask_resize_keeps_a_finding_at_the_lung_border_inside() -> None:
     from classification.inputs import resize_image, resize_mask
 
