@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+import torch
 
 from classification.inputs import resize_image, resize_mask
 from classification.model_card import load_model
@@ -51,7 +52,7 @@ from classification.train import (
 )
 from cxr_io.determinism import torch_threads
 from cxr_io.manifest import class_names, load_manifest, select, to_records
-from cxr_io.readers import surfaced_read_errors
+from cxr_io.readers import load_mask, surfaced_read_errors
 from cxr_io.resources import default_segmenter
 from evaluation.metrics import evaluate, paired_bootstrap
 from evaluation.report import (
@@ -685,6 +686,8 @@ def run_study(
     rows: list[dict[str, Any]] = []
     probs_by: dict[tuple[str, str, int, str], Predictions] = {}
     examples: dict[str, list] = {}
+    # each evaluation set read once, at each network input size
+    eval_inputs: dict[tuple[str, str, int], EvalInputs] = {}
 
     # with workers > 1 the models train in worker processes while this one evaluates each
     # as soon as it is ready; else each model trains inside its MLflow run below
@@ -723,9 +726,21 @@ def run_study(
                     # fewer threads while other models still train: no oversubscription
                     with torch_threads(training.spare_threads()):
                         for ev in fold.evals:
-                            keep = cfg.heatmap_examples
+                            key = (fold.name, ev.name, card.size)
+                            if key not in eval_inputs:
+                                records = to_records(ev.frame, classes)
+                                eval_inputs[key] = EvalInputs.read(predictor, records)
                             pred, metrics = _evaluate_on(
-                                tracker, tr, model_id, predictor, ev, classes, tcfg, cfg, keep
+                                tracker,
+                                tr,
+                                model_id,
+                                predictor,
+                                ev,
+                                classes,
+                                tcfg,
+                                cfg,
+                                cfg.heatmap_examples,
+                                eval_inputs[key],
                             )
                             rows.append(
                                 {
@@ -774,12 +789,14 @@ def _evaluate_on(
     tcfg: TrainConfig,
     cfg: StudyConfig,
     keep_examples: int,
+    inputs: EvalInputs,
 ) -> tuple[Predictions, dict[str, float]]:
     """Predict ``ev`` with one trained model (through the :class:`Predictor`, with the manifest's
-    lung masks), compute its metrics (bootstrap CIs over patients, mean relevance metrics) and log
-    them in a new evaluation run under ``training_run``."""
+    lung masks, from ``inputs``: ``ev`` read once), compute its metrics (bootstrap CIs over
+    patients, mean relevance metrics) and log them in a new evaluation run under
+    ``training_run``."""
 
-    pred = predict_records(predictor, to_records(ev.frame, classes), keep_examples)
+    pred = predict_records(predictor, to_records(ev.frame, classes), keep_examples, inputs)
     result = evaluate(
         pred.probs, pred.labels, _groups(ev.frame), classes, n_boot=cfg.n_boot, seed=tcfg.seed
     )
@@ -827,18 +844,48 @@ class Predictions:
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def predict_records(
-    predictor: Predictor, records: Sequence[dict[str, Any]], keep_examples: int = 0
-) -> Predictions:
-    """Predict manifest records (``image``, ``label``, ``mask``) with their own masks."""
+@dataclass(frozen=True)
+class EvalInputs:
+    """An evaluation set's images and lung masks, read from their files and resized to the
+    network input size ``S``: ``images`` ``[1, S, S]`` float32 (area resize, as
+    :func:`classification.inputs.network_inputs` does), ``masks`` ``[S, S]`` bool ("any part is
+    lung" resize) or None when a record has no mask. Resizing them again to ``S`` changes
+    nothing, so predicting from them gives the numbers predicting from the files gives; the
+    study reads each set once and every model of that input size predicts from it."""
 
-    masks = [r["mask"] for r in records] if all(r.get("mask") for r in records) else None
-    preds = predictor.predict_files([r["image"] for r in records], masks, batch_size=32)
-    size = predictor.card.size
-    examples = []
-    for rec, p in zip(records[:keep_examples], preds, strict=False):
-        image = resize_image(predictor.read(rec["image"]).as_tensor(), size)[0].numpy()
-        examples.append((image, resize_mask(p.mask, size)[0].numpy(), p.heatmap))
+    images: list[torch.Tensor]
+    masks: list[np.ndarray] | None
+
+    @classmethod
+    def read(cls, predictor: Predictor, records: Sequence[dict[str, Any]]) -> EvalInputs:
+        """Read ``records`` (``image``, ``mask``) with ``predictor``'s reader at its input size."""
+        size = predictor.card.size
+        images = [resize_image(predictor.read(r["image"]).as_tensor(), size) for r in records]
+        masks = None
+        if all(r.get("mask") for r in records):
+            masks = [resize_mask(load_mask(r["mask"]), size)[0].numpy() > 0 for r in records]
+        return cls(images, masks)
+
+
+def predict_records(
+    predictor: Predictor,
+    records: Sequence[dict[str, Any]],
+    keep_examples: int = 0,
+    inputs: EvalInputs | None = None,
+) -> Predictions:
+    """Predict manifest records (``image``, ``label``, ``mask``) with their own masks;
+    ``inputs``: the records already read (:meth:`EvalInputs.read`), else they are read here."""
+
+    inputs = inputs or EvalInputs.read(predictor, records)
+    preds = []
+    for start in range(0, len(records), 32):
+        chunk = slice(start, start + 32)
+        masks = None if inputs.masks is None else inputs.masks[chunk]
+        preds.extend(predictor.predict(inputs.images[chunk], masks))
+    examples = [
+        (image[0].numpy(), p.mask.astype(np.float32), p.heatmap)
+        for image, p in zip(inputs.images[:keep_examples], preds, strict=False)
+    ]
     names = preds[0].relevance.keys() if preds else ()
     return Predictions(
         probs=np.stack([p.probs for p in preds]),
