@@ -686,8 +686,7 @@ def run_study(
     rows: list[dict[str, Any]] = []
     probs_by: dict[tuple[str, str, int, str], Predictions] = {}
     examples: dict[str, list] = {}
-    # each evaluation set read once, at each network input size
-    eval_inputs: dict[tuple[str, str, int], EvalInputs] = {}
+    eval_inputs = EvalInputCache()  # each evaluation set read once per fold
 
     # with workers > 1 the models train in worker processes while this one evaluates each
     # as soon as it is ready; else each model trains inside its MLflow run below
@@ -726,10 +725,8 @@ def run_study(
                     # fewer threads while other models still train: no oversubscription
                     with torch_threads(training.spare_threads()):
                         for ev in fold.evals:
-                            key = (fold.name, ev.name, card.size)
-                            if key not in eval_inputs:
-                                records = to_records(ev.frame, classes)
-                                eval_inputs[key] = EvalInputs.read(predictor, records)
+                            records = to_records(ev.frame, classes)
+                            inputs = eval_inputs.get(fold.name, ev.name, predictor, records)
                             pred, metrics = _evaluate_on(
                                 tracker,
                                 tr,
@@ -740,7 +737,7 @@ def run_study(
                                 tcfg,
                                 cfg,
                                 cfg.heatmap_examples,
-                                eval_inputs[key],
+                                inputs,
                             )
                             rows.append(
                                 {
@@ -865,6 +862,38 @@ class EvalInputs:
         if all(r.get("mask") for r in records):
             masks = [resize_mask(load_mask(r["mask"]), size)[0].numpy() > 0 for r in records]
         return cls(images, masks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.images) + sum(m.nbytes for m in self.masks or ())
+
+
+class EvalInputCache:
+    """The current fold's :class:`EvalInputs`, read once per evaluation set and network input
+    size and shared by the fold's models (the five models of the embedded study read the same
+    1,164 DICOM files each before), up to ``max_bytes`` in all: a set that does not fit is read
+    anew for each model, as before, so a large study's memory stays bounded. Moving to another
+    fold drops the previous fold's sets."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._fold: str | None = None
+        self._sets: dict[tuple[str, int], EvalInputs] = {}
+
+    def get(
+        self, fold: str, name: str, predictor: Predictor, records: Sequence[dict[str, Any]]
+    ) -> EvalInputs:
+        """Evaluation set ``name`` of ``fold`` (its ``records``) as ``predictor`` reads it."""
+        if fold != self._fold:
+            self._fold, self._sets = fold, {}
+        key = (name, predictor.card.size)
+        if key not in self._sets:
+            inputs = EvalInputs.read(predictor, records)
+            held = sum(x.nbytes for x in self._sets.values())
+            if held + inputs.nbytes > self.max_bytes:
+                return inputs
+            self._sets[key] = inputs
+        return self._sets[key]
 
 
 def predict_records(

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow
 
 from classification.model_card import read_model_card
@@ -109,6 +110,26 @@ def test_batch_bundle_and_study_give_the_same_answer(tmp_path, method) -> None:
     np.testing.assert_array_equal(study.probs, np.stack([p.probs for p in files_masks]))
     heat_files = np.stack([p.heatmap for p in files_masks])
     np.testing.assert_array_equal(np.stack([e[2] for e in study.examples]), heat_files)
+
+
+def test_the_study_reads_an_evaluation_set_once_per_fold_within_its_memory_budget(tmp_path):
+    from pipeline.study import EvalInputCache
+
+    files = _folder(tmp_path / "data")
+    records = [{"image": str(f), "label": 0} for f in files]
+    predictor = Predictor.load(make_model(tmp_path / "model").parent)
+    cache = EvalInputCache()
+    first = cache.get("fold-a", "site-x", predictor, records)
+    assert len(first.images) == N and first.images[0].shape == (1, SIZE, SIZE)
+    assert first.masks is None  # records without masks
+    assert cache.get("fold-a", "site-x", predictor, records) is first  # read once
+    assert cache.get("fold-a", "site-y", predictor, records) is not first
+    cache.get("fold-b", "site-x", predictor, records)  # another fold drops the previous sets
+    again = cache.get("fold-a", "site-x", predictor, records)
+    assert again is not first and all(map(torch.equal, again.images, first.images))
+    # a set over the budget is read for each model, as without the cache
+    small = EvalInputCache(max_bytes=first.nbytes - 1)
+    assert small.get("f", "x", predictor, records) is not small.get("f", "x", predictor, records)
 
 
 @pytest.mark.slow
