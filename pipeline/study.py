@@ -905,7 +905,8 @@ def predict_records(
     """Predict manifest records (``image``, ``label``, ``mask``) with their own masks;
     ``inputs``: the records already read (:meth:`EvalInputs.read`), else they are read here."""
 
-    inputs = inputs or EvalInputs.read(predictor, records)
+    if inputs is None:
+        inputs = EvalInputs.read(predictor, records)
     preds = []
     for start in range(0, len(records), 32):
         chunk = slice(start, start + 32)
