@@ -128,14 +128,19 @@ def make_lrp_ready(
     return model
 
 
+def _corners(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The top-left, top-right, bottom-left and bottom-right pixel of every 2x2 window of
+    ``[..., H, W]`` as four strided views ``[..., H // 2, W // 2]`` (odd trailing row/column
+    dropped)."""
+    v = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+    return v[..., 0::2, 0::2], v[..., 0::2, 1::2], v[..., 1::2, 0::2], v[..., 1::2, 1::2]
+
+
 def _max_pool_2x2(x: Tensor) -> Tensor:
-    """``[..., H, W] -> [..., H // 2, W // 2]``: the maximum of each 2x2 window, as the maximum
-    of four strided views (top pair, bottom pair, then the two); odd trailing row/column dropped."""
-    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
-    x = x[..., :h, :w]
-    top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
-    bottom = torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
-    return torch.maximum(top, bottom)
+    """``[..., H, W] -> [..., H // 2, W // 2]``: the maximum of each 2x2 window (top pair,
+    bottom pair, then the two)."""
+    a, b, c, d = _corners(x)
+    return torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
 
 
 def _share(p: Tensor, q: Tensor) -> Tensor:
@@ -156,12 +161,10 @@ class _MaxPool2x2Fn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
-        v = x[..., :h, :w]
-        a, b, c, d = v[..., 0::2, 0::2], v[..., 0::2, 1::2], v[..., 1::2, 0::2], v[..., 1::2, 1::2]
+        a, b, c, d = _corners(x)
         top, bottom = torch.maximum(a, b), torch.maximum(c, d)
         ctx.save_for_backward(_share(a, b), _share(c, d), _share(top, bottom))
-        ctx.pad = (0, x.shape[-1] - w, 0, x.shape[-2] - h)
+        ctx.pad = (0, x.shape[-1] % 2, 0, x.shape[-2] % 2)  # the dropped row/column: no gradient
         return torch.maximum(top, bottom)
 
     @staticmethod
