@@ -725,19 +725,17 @@ def run_study(
                     # fewer threads while other models still train: no oversubscription
                     with torch_threads(training.spare_threads()):
                         for ev in fold.evals:
-                            records = to_records(ev.frame, classes)
-                            inputs = eval_inputs.get(fold.name, ev.name, predictor, records)
                             pred, metrics = _evaluate_on(
                                 tracker,
                                 tr,
                                 model_id,
                                 predictor,
+                                fold.name,
                                 ev,
                                 classes,
                                 tcfg,
                                 cfg,
-                                cfg.heatmap_examples,
-                                inputs,
+                                eval_inputs,
                             )
                             rows.append(
                                 {
@@ -781,19 +779,21 @@ def _evaluate_on(
     training_run: TrainingRun,
     model_id: str,
     predictor: Predictor,
+    fold: str,
     ev: EvalSet,
     classes: Sequence[str],
     tcfg: TrainConfig,
     cfg: StudyConfig,
-    keep_examples: int,
-    inputs: EvalInputs,
+    eval_inputs: EvalInputCache,
 ) -> tuple[Predictions, dict[str, float]]:
-    """Predict ``ev`` with one trained model (through the :class:`Predictor`, with the manifest's
-    lung masks, from ``inputs``: ``ev`` read once), compute its metrics (bootstrap CIs over
-    patients, mean relevance metrics) and log them in a new evaluation run under
-    ``training_run``."""
+    """Predict ``ev`` of ``fold`` with one trained model (through the :class:`Predictor`, with
+    the manifest's lung masks; the images read once per fold by ``eval_inputs``), compute its
+    metrics (bootstrap CIs over patients, mean relevance metrics) and log them in a new
+    evaluation run under ``training_run``."""
 
-    pred = predict_records(predictor, to_records(ev.frame, classes), keep_examples, inputs)
+    records = to_records(ev.frame, classes)
+    inputs = eval_inputs.get(fold, ev.name, predictor, records)
+    pred = predict_records(predictor, records, cfg.heatmap_examples, inputs)
     result = evaluate(
         pred.probs, pred.labels, _groups(ev.frame), classes, n_boot=cfg.n_boot, seed=tcfg.seed
     )
