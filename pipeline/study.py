@@ -102,12 +102,17 @@ class MethodSpec:
     method of the same study (same training data); each ISNet then distils from that method's
     model of the same fold and seed (:class:`classification.methods.ISNet`), which the study
     trains first.
+
+    ``train``: training settings for this method only, over the study's ``train`` block (same
+    keys as :class:`~classification.train.TrainConfig`), e.g. ``{"lr_schedule": "cosine"}`` to
+    change one setting of one method while its teacher and the other methods stay as they are.
     """
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
     label: str = ""
     train_data: str = "study"
+    train: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.train_data not in TRAIN_DATA:
@@ -278,6 +283,7 @@ def _config_problems(cfg: StudyConfig) -> list[str]:
             out.append(f"method {m.name!r} is not one of {list(METHOD_NAMES)}")
         if not isinstance(m.params, dict):
             out.append(f"method {m.name!r}: params must be a JSON object, got {m.params!r}")
+        out += [f"method {m.label or m.name!r}: {p}" for p in _train_problems(m.train)]
     labels = [m.display for m in cfg.methods if isinstance(m.params, dict)]
     if len(set(labels)) != len(labels):
         out.append(f"method labels must be unique, got {labels}")
@@ -977,7 +983,9 @@ def planned_runs(
                 teacher_dir = folders[params["teacher"], seed]
                 keyed = {**params, "teacher": teacher_dir.name}
                 params["teacher"] = str(teacher_dir / "best_model.pt")
-            tcfg = replace(base_train, method=spec.name, method_params=keyed, seed=seed)
+            tcfg = replace(
+                base_train, **spec.train, method=spec.name, method_params=keyed, seed=seed
+            )
             run_dir = out / "models" / fold.name / f"{spec.display}-seed{seed}-{_config_key(tcfg)}"
             folders[spec.display, seed] = run_dir
             yield spec, seed, replace(tcfg, method_params=params), run_dir

@@ -94,6 +94,10 @@ def test_config_types_are_checked():
         ({"train": {"epochs": 2.5}}, "train.epochs must be an integer"),
         ({"train": {"lr_schedule": "step"}}, "train.lr_schedule must be one of"),
         ({"train": {"seed": 1}}, "train.seed is set per method/seed by the study"),
+        (
+            {"methods": [{"name": "isnet", "train": {"lr_schedule": "step"}}]},
+            "method 'isnet': train.lr_schedule must be one of",
+        ),
         ({"synthetic": {"difficulty": 2}}, "synthetic.difficulty must be in [0, 1]"),
         ({"bias_sets": "yes"}, "bias_sets must be true or false"),
         (
@@ -220,6 +224,28 @@ def test_an_isnet_teacher_is_planned_first_and_keys_its_student(tmp_path):
     assert [d.name for *_, d in moved] == [d.name for *_, d in runs]
     retaught = plan(tmp_path / "a", epochs=3)  # every model changes, the students with them
     assert all(a[3] != b[3] for a, b in zip(runs, retaught, strict=True))
+
+
+def test_a_methods_own_training_settings_change_only_its_models(tmp_path):
+    """A method's ``train`` block overrides the study's for that method alone: its models get
+    the setting and a folder of their own; its teacher and the other methods keep the folders
+    (and so the trained models) they have without it."""
+    from classification.train import TrainConfig
+    from pipeline.study import Fold, planned_runs
+
+    def plan(isnet_train):
+        isnet = {"name": "isnet", "params": {"teacher": "segment_then_classify"}}
+        methods = ["segment_then_classify", "standard", {**isnet, "train": isnet_train}]
+        cfg = StudyConfig.from_dict({**_study_def(), "methods": methods})
+        fold = Fold("main", ("a",), pd.DataFrame(), pd.DataFrame(), ())
+        return list(planned_runs(cfg, fold, TrainConfig(epochs=40), tmp_path))
+
+    plain, cosine = plan({}), plan({"lr_schedule": "cosine", "epochs": 60})
+    assert [d for *_, d in plain[:2]] == [d for *_, d in cosine[:2]]  # teacher, standard kept
+    assert plain[2][3] != cosine[2][3]
+    assert (plain[2][2].lr_schedule, plain[2][2].epochs) == ("constant", 40)
+    assert (cosine[2][2].lr_schedule, cosine[2][2].epochs) == ("cosine", 60)
+    assert cosine[2][2].method_params["teacher"] == str(plain[0][3] / "best_model.pt")
 
 
 def test_recipe_overlay_sets_the_three_seed_isnet_study(tmp_path):
