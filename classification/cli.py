@@ -51,7 +51,8 @@ def train_command(
     ),
     augment_policy: str = typer.Option(
         "auto",
-        help="auto (ISNet: intensity only, others: full) | none | intensity | geometric | full.",
+        help="auto (ISNet: intensity only, others: full) | none | intensity | geometric | full; "
+        "each may end in +gamma (a random contrast gamma in [0.5, 2] as well).",
     ),
     select: str = typer.Option(
         "auto",

@@ -20,6 +20,7 @@ from monai.transforms import (
     Compose,
     EnsureTyped,
     Lambdad,
+    RandAdjustContrastd,
     RandAffined,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -31,6 +32,7 @@ from cxr_io.readers import LoadCXRd, LoadMaskd
 
 __all__ = [
     "AUGMENT_POLICIES",
+    "GAMMA_SUFFIX",
     "AugmentConfig",
     "build_dataset",
     "build_loader",
@@ -43,6 +45,8 @@ KEEP_KEYS = ("image", "mask", "label")
 
 
 AUGMENT_POLICIES = ("none", "intensity", "geometric", "full")
+#: appended to a policy name (``intensity+gamma``, ``full+gamma``): a random contrast gamma too
+GAMMA_SUFFIX = "+gamma"
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,10 @@ class AugmentConfig:
     """Light geometric + intensity augmentation, applied identically to image and mask.
 
     ``rotate_deg``: max rotation in degrees; ``scale``: max relative zoom; ``translate``: max shift
-    as a fraction of the side; ``intensity``: max relative scale / absolute shift of intensities.
+    as a fraction of the side; ``intensity``: max relative scale / absolute shift of intensities;
+    ``gamma``: a random contrast curve ``x ** g`` (on the image's own min-max range, MONAI
+    ``RandAdjustContrastd``) with ``g`` uniform in ``[2 ** -gamma, 2 ** gamma]``, a monotone
+    non-linear change of the acquisition's intensity curve that a scale and shift cannot make.
     A part whose magnitudes are all 0 is left out of the transform chain. The default is the
     ``full`` policy (geometric + intensity); see :meth:`from_policy`.
     """
@@ -60,6 +67,7 @@ class AugmentConfig:
     scale: float = 0.05
     translate: float = 0.04
     intensity: float = 0.1
+    gamma: float = 0.0
 
     @property
     def geometric(self) -> bool:
@@ -69,18 +77,24 @@ class AugmentConfig:
     @classmethod
     def from_policy(cls, policy: str) -> AugmentConfig | None:
         """A named policy: ``none`` (None: no random transform), ``intensity`` (intensity scale
-        and shift only), ``geometric`` (rotation / zoom / shift only) or ``full`` (both)."""
+        and shift only), ``geometric`` (rotation / zoom / shift only) or ``full`` (both); any of
+        them with :data:`GAMMA_SUFFIX` adds a random gamma in ``[0.5, 2]`` (``gamma=1``)."""
         key = str(policy).lower()
-        if key == "none":
-            return None
-        if key == "intensity":
-            return cls(rotate_deg=0.0, scale=0.0, translate=0.0)
-        if key == "geometric":
-            return cls(intensity=0.0)
-        if key == "full":
-            return cls()
+        base = key.removesuffix(GAMMA_SUFFIX)
+        gamma = 1.0 if base != key else 0.0
+        if base == "none":
+            if not gamma:
+                return None
+            return cls(rotate_deg=0.0, scale=0.0, translate=0.0, intensity=0.0, gamma=gamma)
+        if base == "intensity":
+            return cls(rotate_deg=0.0, scale=0.0, translate=0.0, gamma=gamma)
+        if base == "geometric":
+            return cls(intensity=0.0, gamma=gamma)
+        if base == "full":
+            return cls(gamma=gamma)
         raise ValueError(
-            f"unknown augmentation policy {policy!r}; choose one of {AUGMENT_POLICIES}"
+            f"unknown augmentation policy {policy!r}; choose one of {AUGMENT_POLICIES}, "
+            f"each optionally with {GAMMA_SUFFIX!r}"
         )
 
 
@@ -148,6 +162,9 @@ def build_transforms(
                 cache_grid=True,  # the same output, the sampling grid built once
             )
         )
+    if augment is not None and augment.gamma > 0:
+        g = 2.0**augment.gamma
+        xs.append(RandAdjustContrastd(keys=["image"], prob=augment.prob, gamma=(1.0 / g, g)))
     if augment is not None and augment.intensity > 0:
         a = augment
         xs.append(RandScaleIntensityd(keys=["image"], factors=a.intensity, prob=a.prob))

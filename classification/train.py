@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from classification.data import (
     AUGMENT_POLICIES,
+    GAMMA_SUFFIX,
     AugmentConfig,
     build_dataset,
     build_loader,
@@ -130,7 +131,8 @@ class TrainConfig:
     ``method_params`` sets them.
 
     ``augment``: a policy of :data:`classification.data.AUGMENT_POLICIES` (``none``,
-    ``intensity``, ``geometric``, ``full``), ``True`` (= ``full``), ``False`` (= ``none``) or
+    ``intensity``, ``geometric``, ``full``; each may end in ``+gamma`` for a random contrast
+    gamma as well), ``True`` (= ``full``), ``False`` (= ``none``) or
     ``auto`` (ISNet: :data:`ISNET_AUGMENT`, others ``full``); see :func:`resolve_augment`.
     ``select``: which epoch's weights become ``best_model.pt``: one of :data:`SELECT_CRITERIA`
     or ``auto`` (ISNet: :data:`ISNET_SELECT`, others ``val_acc``); see :func:`resolve_select`.
@@ -730,9 +732,10 @@ def resolve_augment(cfg: TrainConfig) -> str:
     key = str(aug).lower()
     if key == "auto":
         return ISNET_AUGMENT if _is_isnet(cfg.method) else "full"
-    if key not in AUGMENT_POLICIES:
+    if key.removesuffix(GAMMA_SUFFIX) not in AUGMENT_POLICIES:
         raise ValueError(
-            f"unknown augment {aug!r}; choose 'auto', True, False or one of {AUGMENT_POLICIES}"
+            f"unknown augment {aug!r}; choose 'auto', True, False or one of {AUGMENT_POLICIES} "
+            f"(each optionally with {GAMMA_SUFFIX!r}, e.g. 'full{GAMMA_SUFFIX}')"
         )
     return key
 

@@ -251,12 +251,15 @@ def test_augment_policy_resolution() -> None:
     assert resolve_augment(_cfg(method="isnet", augment=True)) == "full"
     assert resolve_augment(_cfg(method="standard", augment=False)) == "none"
     assert resolve_augment(_cfg(method="standard", augment="intensity")) == "intensity"
+    assert resolve_augment(_cfg(method="isnet", augment="Intensity+Gamma")) == "intensity+gamma"
     with pytest.raises(ValueError, match="unknown augment"):
         resolve_augment(_cfg(augment="heavy"))
+    with pytest.raises(ValueError, match="unknown augment"):
+        resolve_augment(_cfg(augment="heavy+gamma"))
 
 
 def test_augment_policies_build_the_named_transforms() -> None:
-    from monai.transforms import RandAffined, RandScaleIntensityd
+    from monai.transforms import RandAdjustContrastd, RandAffined, RandScaleIntensityd
 
     from classification.data import build_transforms
 
@@ -268,8 +271,41 @@ def test_augment_policies_build_the_named_transforms() -> None:
     assert RandAffined not in kinds("intensity") and RandScaleIntensityd in kinds("intensity")
     assert RandAffined in kinds("geometric") and RandScaleIntensityd not in kinds("geometric")
     assert {RandAffined, RandScaleIntensityd} <= kinds("full")
+    assert RandAdjustContrastd not in kinds("full") | kinds("intensity")
+    assert kinds("intensity+gamma") == kinds("intensity") | {RandAdjustContrastd}
+    assert kinds("full+gamma") == kinds("full") | {RandAdjustContrastd}
+    assert kinds("none+gamma") == kinds("none") | {RandAdjustContrastd}
     with pytest.raises(ValueError, match="unknown augmentation policy"):
         AugmentConfig.from_policy("strong")
+
+
+def test_gamma_augmentation_bends_the_intensity_curve_and_leaves_the_mask() -> None:
+    """``+gamma``: each augmented image is a power of the plain one on its own [min, max]
+    range (not a scale or shift: the curve bends), with exponents on both sides of 1 within
+    [0.5, 2]; the mask is untouched."""
+    from monai.utils import set_determinism
+
+    from classification.data import build_transforms
+
+    ramp = torch.linspace(0.0, 1.0, SIZE * SIZE).reshape(1, SIZE, SIZE)
+    mask = (torch.arange(SIZE * SIZE).reshape(1, SIZE, SIZE) % 3 == 0).float()
+    aug = AugmentConfig.from_policy("none+gamma")
+    chain = build_transforms(SIZE, with_mask=True, augment=aug).transforms
+    gamma_step = [t for t in chain if type(t).__name__ == "RandAdjustContrastd"]
+    assert len(gamma_step) == 1
+    set_determinism(seed=0)
+    exponents = []
+    for _ in range(40):
+        out = gamma_step[0]({"image": ramp.clone(), "mask": mask.clone()})
+        assert torch.equal(out["mask"], mask)
+        x, y = ramp.flatten()[1:-1], torch.as_tensor(out["image"]).flatten()[1:-1]
+        g = (torch.log(y) / torch.log(x)).median().item()
+        assert torch.allclose(y, x**g, atol=1e-4)  # a power curve of the plain image
+        exponents.append(g)
+    set_determinism(seed=None)
+    bent = [g for g in exponents if abs(g - 1) > 1e-3]
+    assert min(exponents) >= 0.5 - 1e-3 and max(exponents) <= 2 + 1e-3
+    assert min(bent) < 0.9 and max(bent) > 1.1 and 20 <= len(bent) < 40  # prob 0.8
 
 
 def test_plain_tensor_transforms_give_the_same_samples_and_restore_the_setting(splits) -> None:
