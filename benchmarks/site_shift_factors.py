@@ -111,7 +111,10 @@ def main() -> None:
     )
     df = load_manifest(manifest)
     classes = class_names(df)
-    print(f"rendered {len(df)} images in {time.perf_counter() - t0:.0f} s under {args.data}")
+    print(
+        f"rendered {len(df)} images in {time.perf_counter() - t0:.0f} s under {args.data}",
+        flush=True,
+    )
     records = {v: to_records(df[df["site"] == s.name], classes) for v, s in sets.items()}
 
     print(f"{'method':<27} {'variant':<22} macro AUROC per seed -> mean   bg-share")
@@ -130,7 +133,10 @@ def main() -> None:
                     shares.append(float(pred.relevance["background_share"].mean()))
             per_seed = " ".join(f"{a:.3f}" for a in aurocs)
             share = f"{np.mean(shares):.2f}" if shares else "-"
-            print(f"{method:<27} {variant:<22} {per_seed} -> {np.mean(aurocs):.3f}   {share}")
+            print(
+                f"{method:<27} {variant:<22} {per_seed} -> {np.mean(aurocs):.3f}   {share}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -102,3 +102,34 @@ def test_marker_audit_tells_an_added_marker_from_one_hidden_in_a_bias() -> None:
     assert h["effect"] == pytest.approx(3 * 4 / 64, rel=1e-5)
     assert abs(h["captured"]) < 1e-3
     assert h["no_pixel"] == pytest.approx(h["effect"], rel=1e-3)
+
+
+def test_site_shift_variants_keep_the_patients_and_change_one_setting() -> None:
+    """benchmarks/site_shift_factors.py: every variant of the external site renders the same
+    patient (same lungs, same label stream) as the site itself; ``as is`` gives its very pixels,
+    the gamma variant differs from it in the gamma alone and so in the pixels."""
+    from dataclasses import asdict
+
+    from site_shift_factors import FACTORS, variants
+
+    from synthetic import portable_site, render_case
+    from synthetic.sites import default_sites, image_seed
+
+    site, like = portable_site(), default_sites()[2]
+    sets = variants(site, like)
+    assert list(sets) == ["as is", *(f"{f} of {like.name}" for f in FACTORS), f"all of {like.name}"]
+    fields = set(asdict(site)) - {"name", "seed_key"}
+    for label, variant in sets.items():
+        changed = {k for k in fields if getattr(variant, k) != getattr(site, k)}
+        factor = label.split(" of ")[0]
+        if factor in FACTORS:
+            assert changed == set(FACTORS[factor])
+        assert variant.key == site.key
+    cases = {
+        label: render_case(v, "pneumonia", image_seed(0, v, 3), size=64, difficulty=0.0)
+        for label, v in sets.items()
+    }
+    own = render_case(site, "pneumonia", image_seed(0, site, 3), size=64, difficulty=0.0)
+    assert np.array_equal(cases["as is"].stored, own.stored)
+    gamma = cases[f"gamma of {like.name}"]
+    assert np.array_equal(gamma.mask, own.mask) and not np.array_equal(gamma.stored, own.stored)
