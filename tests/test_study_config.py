@@ -251,7 +251,8 @@ def test_a_methods_own_training_settings_change_only_its_models(tmp_path):
 def test_recipe_overlay_sets_the_three_seed_isnet_study(tmp_path):
     """`--overlay configs/study_isnet_recipe.json` (or MONAI's list of config files) gives the
     documented 3-seed study: the teacher + background-swap ISNet at P 0.5 beside its P 0
-    ablation, 40 epochs; the rest of configs/study.json is kept."""
+    ablation, both with a random gamma and 60 epochs, as the bias-free reference; the standard
+    model and the teachers at the study's 40 epochs; the rest of configs/study.json is kept."""
     from monai.bundle import ConfigParser
 
     from pipeline.cli import study_config_files
@@ -269,7 +270,11 @@ def test_recipe_overlay_sets_the_three_seed_isnet_study(tmp_path):
     for params in isnets.values():
         assert params["teacher"] == "segment_then_classify" and params["swap_background"] is True
     assert sorted(p["P"] for p in isnets.values()) == [0.0, 0.5]
-    assert any(m.train_data == "no_markers" for m in cfg.methods)
+    (reference,) = [m for m in cfg.methods if m.train_data == "no_markers"]
+    recipe = {"augment": "intensity+gamma", "epochs": 60}
+    assert all(m.train == recipe for m in cfg.methods if m.name == "isnet")
+    assert reference.train == {**recipe, "augment": "full+gamma"}
+    assert all(not m.train for m in cfg.methods if m.name == "segment_then_classify")
     # --quick comes before the overlay; a missing overlay is named before any work
     assert study_config_files(base, quick=True)[1].name == "study_quick.json"
     out = tmp_path / "out"
