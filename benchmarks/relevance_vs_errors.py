@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from classification.model_card import load_model  # noqa: E402
 from cxr_io.manifest import class_names, load_manifest, to_records  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
-from pipeline.study import predict_records  # noqa: E402
+from pipeline.study import predict_records, trained_models  # noqa: E402
 
 
 def _site_rows(out: Path, site: str) -> tuple[pd.DataFrame, list[str]]:
@@ -52,9 +52,10 @@ def main() -> None:
     print(f"{args.out}: {args.site}, {len(records)} images, classes {classes}")
     print(f"{'method':<27} seed  acc    bg-share correct / wrong   AUROC(bg-share -> error)")
     for method in args.methods:
-        folders = sorted((args.out / "models").glob(f"*/{method}-seed*"))
-        if not folders:
-            raise SystemExit(f"no trained models of {method!r} under {args.out / 'models'}")
+        try:
+            folders = trained_models(args.out, method)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         for folder in folders:
             seed = folder.name[len(method) :].split("-")[1]
             pred = predict_records(Predictor(*load_model(folder / "best_model.pt")), records)

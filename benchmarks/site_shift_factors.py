@@ -32,7 +32,7 @@ from classification.model_card import load_model  # noqa: E402
 from cxr_io.manifest import class_names, load_manifest, to_records  # noqa: E402
 from evaluation.metrics import compute_metrics  # noqa: E402
 from pipeline.predictor import Predictor  # noqa: E402
-from pipeline.study import EvalInputs, predict_records  # noqa: E402
+from pipeline.study import EvalInputs, predict_records, trained_models  # noqa: E402
 from synthetic import default_sites, make_dataset, portable_site  # noqa: E402
 from synthetic.sites import SiteConfig  # noqa: E402
 
@@ -119,9 +119,10 @@ def main() -> None:
 
     print(f"{'method':<27} {'variant':<22} macro AUROC per seed -> mean   bg-share")
     for method in args.methods:
-        folders = sorted((args.out / "models").glob(f"*/{method}-seed*"))
-        if not folders:
-            raise SystemExit(f"no trained models of {method!r} under {args.out / 'models'}")
+        try:
+            folders = trained_models(args.out, method)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         predictors = [Predictor(*load_model(f / "best_model.pt")) for f in folders]
         for variant, recs in records.items():
             inputs = EvalInputs.read(predictors[0], recs)

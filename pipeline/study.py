@@ -991,6 +991,32 @@ def planned_runs(
             yield spec, seed, replace(tcfg, method_params=params), run_dir
 
 
+def trained_models(out: str | Path, label: str) -> list[Path]:
+    """The finished model folders of method ``label`` in the study folder ``out`` (named by
+    :func:`planned_runs`), sorted by fold and seed.
+
+    Raises:
+        ValueError: none is finished, or a fold and seed has more than one (a study folder
+            reused with another training config keeps both): the message names them.
+    """
+    by_run: dict[tuple[str, int], list[Path]] = {}
+    for done in sorted(Path(out).glob(f"models/*/{label}-seed*/done.json")):
+        folder = done.parent
+        seed, sep, key = folder.name[len(label) + len("-seed") :].partition("-")
+        if seed.isdigit() and sep and len(key) == 10:
+            by_run.setdefault((folder.parent.name, int(seed)), []).append(folder)
+    if not by_run:
+        raise ValueError(f"{out}: no finished model of method {label!r} under models/")
+    several = [str(f) for folders in by_run.values() if len(folders) > 1 for f in folders]
+    if several:
+        raise ValueError(
+            f"{out}: method {label!r} has more than one model for a fold and seed: {several}; "
+            "give a study folder with one training config per method (e.g. a copy without the "
+            "older ones)"
+        )
+    return [folders[0] for _, folders in sorted(by_run.items())]
+
+
 #: training cost order for the parallel phase (most expensive first, so no worker idles at the
 #: end waiting for the one ISNet left)
 _COST_ORDER = {"isnet": 0, "rrr": 1}

@@ -283,3 +283,32 @@ def test_recipe_overlay_sets_the_three_seed_isnet_study(tmp_path):
     )
     assert res.exit_code == 2 and "study config not found: nosuch.json" in res.output
     assert not out.exists()
+
+
+def test_trained_models_finds_one_finished_folder_per_seed_and_refuses_two(tmp_path):
+    """pipeline.study.trained_models (the diagnostics' way to a study's models): finished
+    folders of exactly that label, in seed order (10 after 2); an unfinished folder and a label
+    that only starts the same are left out; two finished configs of one seed are refused by
+    name."""
+    from pipeline.study import trained_models
+
+    def folder(name, done=True):
+        d = tmp_path / "models" / "main" / name
+        d.mkdir(parents=True)
+        if done:
+            (d / "done.json").write_text("{}")
+        return d
+
+    s10, s2 = (
+        folder("isnet-stochastic-seed10-aaaaaaaaaa"),
+        folder("isnet-stochastic-seed2-bbbbbbbbbb"),
+    )
+    folder("isnet-stochastic-seed3-cccccccccc", done=False)
+    folder("isnet-stochastic-60ep-seed0-dddddddddd")
+    assert trained_models(tmp_path, "isnet-stochastic") == [s2, s10]
+    with pytest.raises(ValueError, match="no finished model of method 'rrr'"):
+        trained_models(tmp_path, "rrr")
+    again = folder("isnet-stochastic-seed2-eeeeeeeeee")
+    with pytest.raises(ValueError, match="more than one model") as err:
+        trained_models(tmp_path, "isnet-stochastic")
+    assert str(again) in str(err.value) and str(s2) in str(err.value)
