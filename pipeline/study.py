@@ -76,6 +76,7 @@ from segmentation.masks_step import write_masks
 from synthetic import (
     SiteConfig,
     bias_free_sites,
+    blind_site,
     default_sites,
     make_bias_test_sets,
     make_dataset,
@@ -141,10 +142,15 @@ class SyntheticSpec:
     #: add the portable site ``hospital-d`` (:func:`synthetic.portable_site`) as an external
     #: site where the lung segmenter is less exact (the imperfect-segmentation condition)
     portable_site: bool = False
+    #: add the blind site ``hospital-e`` (:func:`synthetic.blind_site`) as an external site:
+    #: an acquisition fixed before any model was evaluated on it
+    blind_site: bool = False
 
     def sites(self) -> list[SiteConfig]:
-        """The generated sites: the default three, and the portable one if asked for."""
-        return default_sites() + ([portable_site()] if self.portable_site else [])
+        """The generated sites: the default three, then the portable and the blind one if
+        asked for."""
+        extra = [portable_site()] * self.portable_site + [blind_site()] * self.blind_site
+        return default_sites() + extra
 
 
 @dataclass(frozen=True)

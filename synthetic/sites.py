@@ -219,6 +219,34 @@ def portable_site() -> SiteConfig:
     )
 
 
+def blind_site() -> SiteConfig:
+    """``hospital-e``: a high-kV DR of another vendor, fixed on 2026-12-03 *before* any model
+    was evaluated on it (a blind external site for the ISNet recipe, whose contrast-gamma
+    augmentation was chosen by looking at ``hospital-d``): a steep contrast curve (gamma 1.6),
+    a low narrow window, little blur and noise, MONOCHROME1 16-bit storage, a dark collimator
+    frame and border-band markers that carry no class information (a marker style no training
+    site has)."""
+    return SiteConfig(
+        name="hospital-e",
+        bias_correlation=0.0,
+        marker_style="border",
+        modality="DX",
+        photometric="MONOCHROME1",
+        bits_stored=16,
+        window_center=0.45,
+        window_width=0.8,
+        rescale_slope=1.0,
+        rescale_intercept=0.0,
+        noise=0.01,
+        gamma=1.6,
+        pixel_spacing_mm=1.1,
+        blur=0.3,
+        collimation=0.05,
+        collimation_bright=False,
+        manufacturer="SynthRay HighKV",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Random streams
 # --------------------------------------------------------------------------------------------

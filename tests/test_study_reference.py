@@ -112,6 +112,20 @@ def test_portable_site_is_an_external_site_without_markers() -> None:
     assert site.name == "hospital-d" and site.marker_style == "none"
 
 
+def test_blind_site_is_an_external_site_after_the_portable_one() -> None:
+    cfg = _cfg(synthetic={**TINY, "portable_site": True, "blind_site": True})
+    assert cfg.external_sites == ("hospital-c", "hospital-d", "hospital-e")
+    assert cfg.train_sites == ("hospital-a", "hospital-b")
+    site = cfg.synthetic.sites()[-1]
+    assert (site.name, site.bias_correlation, site.photometric) == (
+        "hospital-e",
+        0.0,
+        "MONOCHROME1",
+    )
+    alone = _cfg(synthetic={**TINY, "blind_site": True})
+    assert alone.external_sites == ("hospital-c", "hospital-e")
+
+
 def test_marker_free_rendering_is_segmented_only_when_a_method_reads_its_masks(tmp_path) -> None:
     """The reference (a standard classifier) never reads lung masks: segmenting its training
     images would cost minutes of the demo for nothing; a mask-reading method on it gets them."""
