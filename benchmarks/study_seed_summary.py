@@ -4,7 +4,10 @@ Reads ``OUT/results.csv`` and ``OUT/paired_tests.csv`` of ``isnet-cxr study run 
 'study_def#seeds=[0,1,2]'`` and prints (1) macro AUROC mean +- SD over seeds with the mean
 balanced accuracy, per method and dataset; (2) ISNet minus each comparator, macro AUROC, paired
 by seed: mean +- SD of the per-seed differences and in how many seeds the per-seed 95% patient
-bootstrap CI excludes 0 (and on which side).
+bootstrap CI excludes 0 (and on which side); (3) when the study wrote
+``OUT/paired_tests_pooled.csv``, the same differences pooled over the seeds (mean of the per-seed
+differences with one 95% patient-bootstrap CI shared by every seed; it leaves out the
+seed-to-seed spread that (2) shows).
 
     python benchmarks/study_seed_summary.py outputs/study
 """
@@ -24,6 +27,7 @@ DATASETS = (
     "hospital-a-confounding",
     "hospital-c",
     "hospital-d",
+    "hospital-e",
 )
 
 
@@ -61,6 +65,19 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def pooled_table(pooled: pd.DataFrame) -> pd.DataFrame:
+    """``(isnet, dataset) x comparator`` cells ``difference [ci_low, ci_high]`` of the
+    seed-pooled paired tests."""
+    cells = pooled.set_index(["isnet", "dataset", "comparator"]).apply(
+        lambda r: f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", axis=1
+    )
+    table = cells.unstack("comparator")
+    order = [(i, d) for i in dict.fromkeys(pooled["isnet"]) for d in DATASETS]
+    table = table.reindex([k for k in order if k in table.index])
+    table.index = [f"{i}, {d}" for i, d in table.index]
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -74,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(auroc_table(results)))
     print("\nISNet minus comparator, macro AUROC, per-seed differences")
     print(markdown_table(paired_table(paired), index_name="isnet, dataset"))
+    if (out / "paired_tests_pooled.csv").exists():
+        pooled = pd.read_csv(out / "paired_tests_pooled.csv")
+        print("\nISNet minus comparator, macro AUROC, pooled over the seeds [95% CI]")
+        print(markdown_table(pooled_table(pooled), index_name="isnet, dataset"))
     return 0
 
 

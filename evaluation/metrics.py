@@ -424,25 +424,73 @@ def paired_bootstrap(
         labels: ``[N]``; groups: ``[N]`` patient ids; metric: a name from :func:`metric_names`;
         class_names: needed for per-class metrics (default ``"0" .. "K-1"``).
     """
-    pa, y, codes = _check_inputs(probs_a, labels, groups)
-    pb, _, _ = _check_inputs(probs_b, labels, None)
-    if pa.shape != pb.shape:
-        raise ValueError(f"probs_a {pa.shape} and probs_b {pb.shape} must have the same shape")
-    k = pa.shape[1]
+    return paired_bootstrap_seeds(
+        [probs_a],
+        [probs_b],
+        labels,
+        groups,
+        metric,
+        class_names=class_names,
+        n_boot=n_boot,
+        seed=seed,
+        confidence=confidence,
+    )
+
+
+def paired_bootstrap_seeds(
+    probs_a: Sequence[np.ndarray],
+    probs_b: Sequence[np.ndarray],
+    labels: np.ndarray,
+    groups: Sequence | np.ndarray | None,
+    metric: str = "auroc_macro",
+    *,
+    class_names: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> PairedResult:
+    """Mean over training seeds of ``metric(A_s) - metric(B_s)`` on the same images, with a
+    paired patient bootstrap: each resample of patients is shared by every model of every seed.
+
+    The CI is the patient-sampling uncertainty of the seed-mean difference *for these seeds*;
+    it does not include the seed-to-seed spread (report the per-seed differences beside it).
+    With one seed this is :func:`paired_bootstrap`.
+
+    Args:
+        probs_a, probs_b: ``S`` arrays ``[N, K]`` each, model A's and model B's softmax outputs
+            for seed ``s`` (paired by position), all on the same ``N`` images.
+        labels: ``[N]``; groups: ``[N]`` patient ids; metric: a name from :func:`metric_names`;
+        class_names: needed for per-class metrics (default ``"0" .. "K-1"``).
+    """
+    if len(probs_a) != len(probs_b) or not probs_a:
+        raise ValueError(
+            f"one array per seed for each model expected; got {len(probs_a)} and {len(probs_b)}"
+        )
+    first, y, codes = _check_inputs(probs_a[0], labels, groups)
+    shape = first.shape
+    pairs = [
+        (_check_inputs(a, labels, None)[0], _check_inputs(b, labels, None)[0])
+        for a, b in zip(probs_a, probs_b, strict=True)
+    ]
+    for a, b in pairs:
+        if a.shape != shape or b.shape != shape:
+            raise ValueError(f"probs {a.shape} and {b.shape} must both have shape {shape}")
+    k = shape[1]
     safe = _checked_names(class_names or [str(c) for c in range(k)], k)
     if metric not in metric_names(safe):
         raise ValueError(f"unknown metric {metric!r}; choose one of {metric_names(safe)}")
     macro = _macro_classes(y, k)
+
+    def mean_over_seeds(w: np.ndarray, which: int) -> np.ndarray:
+        return np.mean([_metric_arrays(p[which], y, w, safe, macro)[metric] for p in pairs], 0)
+
     ones = np.ones((1, y.size))
-    value_a = float(_metric_arrays(pa, y, ones, safe, macro)[metric][0])
-    value_b = float(_metric_arrays(pb, y, ones, safe, macro)[metric][0])
+    value_a = float(mean_over_seeds(ones, 0)[0])
+    value_b = float(mean_over_seeds(ones, 1)[0])
     diffs = []
     rng = np.random.default_rng(seed)
     for w in patient_bootstrap_weights(codes, n_boot, rng):
-        diffs.append(
-            _metric_arrays(pa, y, w, safe, macro)[metric]
-            - _metric_arrays(pb, y, w, safe, macro)[metric]
-        )
+        diffs.append(mean_over_seeds(w, 0) - mean_over_seeds(w, 1))
     d = np.concatenate(diffs) if diffs else np.empty(0)
     lo, hi, dropped = _percentile_ci(d, confidence)
     finite = d[~np.isnan(d)]

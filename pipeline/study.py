@@ -54,7 +54,7 @@ from cxr_io.determinism import torch_threads
 from cxr_io.manifest import class_names, load_manifest, select, to_records
 from cxr_io.readers import load_mask, surfaced_read_errors
 from cxr_io.resources import default_segmenter
-from evaluation.metrics import evaluate, paired_bootstrap
+from evaluation.metrics import evaluate, paired_bootstrap_seeds
 from evaluation.report import (
     headline_metrics,
     paired_table,
@@ -767,8 +767,9 @@ def run_study(
                             log(_summary_line(spec.display, ev.name, metrics))
         results = pd.DataFrame(rows)
         paired = _paired_tests(cfg, folds, probs_by, classes)
+        pooled = _paired_tests(cfg, folds, probs_by, classes, pooled=True)
         report, markdown, conclusion, caption = _write_evidence(
-            cfg, out, results, paired, probs_by, examples, classes, folds, command, tracker
+            cfg, out, results, paired, pooled, probs_by, examples, classes, folds, command, tracker
         )
         run_id, experiment_id = tracker.run_id, tracker.experiment_id
         log(f"study finished in {time.perf_counter() - t0:.0f} s")
@@ -1265,55 +1266,89 @@ def _groups(frame: pd.DataFrame) -> np.ndarray | None:
     return None if (ids == "").any() else ids.to_numpy()
 
 
+def _compared_pairs(
+    cfg: StudyConfig, folds: Sequence[Fold]
+) -> Iterator[tuple[Fold, EvalSet, str, str]]:
+    """``(fold, evaluation set, ISNet, comparator)`` of every paired test: each ISNet method
+    minus each other method on every non-internal dataset (ISNet minus ISNet once, in config
+    order: an ablation listed after the ISNet it ablates reads as "ISNet minus ablation")."""
+
+    isnets = [m.display for m in cfg.methods if m.name == "isnet"]
+    others = [m.display for m in cfg.methods if m.name != "isnet"]
+    for fold in folds:
+        for ev in fold.evals:
+            if ev.kind != "internal":
+                for i, a in enumerate(isnets):
+                    for b in [*others, *isnets[i + 1 :]]:
+                        yield fold, ev, a, b
+
+
 def _paired_tests(
     cfg: StudyConfig,
     folds: Sequence[Fold],
     preds: dict[tuple[str, str, int, str], Predictions],
     classes: Sequence[str],
+    *,
+    pooled: bool = False,
 ) -> pd.DataFrame:
-    """Each ISNet method minus each other method, macro AUROC, paired patient bootstrap, on
-    every non-internal dataset and seed (ISNet minus ISNet once, in config order: an ablation
-    listed after the ISNet it ablates reads as "ISNet minus ablation")."""
+    """ISNet minus comparator, macro AUROC, paired patient bootstrap (:func:`_compared_pairs`):
+    one row per seed, or with ``pooled`` one row per comparison for the mean over the seeds
+    (column ``n_seeds``; :func:`evaluation.metrics.paired_bootstrap_seeds`)."""
 
-    isnets = [m.display for m in cfg.methods if m.name == "isnet"]
-    others = [m.display for m in cfg.methods if m.name != "isnet"]
     rows = []
-    for fold in folds:
-        for ev in fold.evals:
-            if ev.kind == "internal":
-                continue
-            for i, a in enumerate(isnets):
-                for b in [*others, *isnets[i + 1 :]]:
-                    for seed in cfg.seeds:
-                        pa = preds[(fold.name, a, seed, ev.name)]
-                        pb = preds[(fold.name, b, seed, ev.name)]
-                        r = paired_bootstrap(
-                            pa.probs,
-                            pb.probs,
-                            pa.labels,
-                            _groups(ev.frame),
-                            "auroc_macro",
-                            class_names=list(classes),
-                            n_boot=cfg.n_boot,
-                            seed=seed,
-                        )
-                        rows.append(
-                            {
-                                "fold": fold.name,
-                                "dataset": ev.name,
-                                "kind": ev.kind,
-                                "seed": seed,
-                                "isnet": a,
-                                "comparator": b,
-                                "auroc_isnet": r.value_a,
-                                "auroc_comparator": r.value_b,
-                                "difference": r.difference,
-                                "ci_low": r.ci_low,
-                                "ci_high": r.ci_high,
-                                "p_value": r.p_value,
-                            }
-                        )
+    for fold, ev, a, b in _compared_pairs(cfg, folds):
+        runs = [cfg.seeds] if pooled else [(seed,) for seed in cfg.seeds]
+        for seeds in runs:
+            pa = [preds[(fold.name, a, seed, ev.name)] for seed in seeds]
+            pb = [preds[(fold.name, b, seed, ev.name)] for seed in seeds]
+            r = paired_bootstrap_seeds(
+                [p.probs for p in pa],
+                [p.probs for p in pb],
+                pa[0].labels,
+                _groups(ev.frame),
+                "auroc_macro",
+                class_names=list(classes),
+                n_boot=cfg.n_boot,
+                seed=seeds[0],
+            )
+            rows.append(
+                {
+                    "fold": fold.name,
+                    "dataset": ev.name,
+                    "kind": ev.kind,
+                    **({"n_seeds": len(seeds)} if pooled else {"seed": seeds[0]}),
+                    "isnet": a,
+                    "comparator": b,
+                    "auroc_isnet": r.value_a,
+                    "auroc_comparator": r.value_b,
+                    "difference": r.difference,
+                    "ci_low": r.ci_low,
+                    "ci_high": r.ci_high,
+                    "p_value": r.p_value,
+                }
+            )
     return pd.DataFrame(rows)
+
+
+def _paired_report_tables(
+    paired: pd.DataFrame, pooled: pd.DataFrame, n_seeds: int
+) -> dict[str, pd.DataFrame] | None:
+    """The report's paired-test tables: per seed, and pooled over the seeds when there are
+    several."""
+    if not len(paired):
+        return None
+    tables = {
+        "Paired bootstrap: ISNet minus comparator (macro AUROC, same patient resamples)": (
+            paired_table(paired)
+        )
+    }
+    if n_seeds > 1:
+        title = (
+            f"Paired bootstrap pooled over the {n_seeds} seeds: mean of the per-seed differences, "
+            "every seed on the same patient resamples (the CI leaves out the seed-to-seed spread)"
+        )
+        tables[title] = paired_table(pooled)
+    return tables
 
 
 def _write_evidence(
@@ -1321,6 +1356,7 @@ def _write_evidence(
     out: Path,
     results: pd.DataFrame,
     paired: pd.DataFrame,
+    pooled: pd.DataFrame,
     preds: dict[tuple[str, str, int, str], Predictions],
     examples: dict[str, list],
     classes: Sequence[str],
@@ -1328,8 +1364,10 @@ def _write_evidence(
     command: str,
     tracker: StudyTracker,
 ) -> tuple[Path, str, str, str]:
-    """results.csv, paired_tests.csv, ROC figures, heatmap grids and report.html, all logged to
-    the study run, with the headline as the run's metrics and the conclusion as its description.
+    """results.csv, paired_tests.csv (per seed), paired_tests_pooled.csv (the mean over the
+    seeds, :func:`_paired_tests` with ``pooled``), ROC figures, heatmap grids and report.html, all
+    logged to the study run, with the headline as the run's metrics and the conclusion as its
+    description.
 
     Returns:
         ``(report.html, Markdown main table, conclusion paragraph, what the table's cells are)``.
@@ -1371,19 +1409,15 @@ def _write_evidence(
         title=f"Study {cfg.name}",
         command=command,
         background="background_share",
-        extra_tables={
-            "Paired bootstrap: ISNet minus comparator (macro AUROC, same patient resamples)": (
-                paired_table(paired)
-            )
-        }
-        if len(paired)
-        else None,
+        extra_tables=_paired_report_tables(paired, pooled, len(cfg.seeds)),
         conclusion=conclusion,
     )
     results.to_csv(out / "results.csv", index=False)
     paired.to_csv(out / "paired_tests.csv", index=False)
+    pooled.to_csv(out / "paired_tests_pooled.csv", index=False)
+    csvs = [out / f for f in ("results.csv", "paired_tests.csv", "paired_tests_pooled.csv")]
     study_run = tracker.study_run()
-    for path in (html, out / "results.csv", out / "paired_tests.csv", *figures.values()):
+    for path in (html, *csvs, *figures.values()):
         study_run.log_artifact(path)
     study_run.log_metrics(headline_metrics(by_seed))
     study_run.set_tags(

@@ -140,7 +140,12 @@ def test_tiny_study_into_sqlite_store(tiny_data, tmp_path):
     )
     assert trains[0].data.tags["method"].startswith(p.card.method) and len(p.classes) == 3
     artifacts = {a.path for a in client.list_artifacts(res.run_id)}
-    assert {"report.html", "results.csv", "paired_tests.csv"} <= artifacts
+    assert {
+        "report.html",
+        "results.csv",
+        "paired_tests.csv",
+        "paired_tests_pooled.csv",
+    } <= artifacts
     # the parent run carries the headline (method x dataset AUROC with CI) and the conclusion
     parent = client.get_run(res.run_id)
     row = res.results.query("method == 'standard' and dataset == 'hospital-c'").iloc[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -312,3 +313,36 @@ def test_trained_models_finds_one_finished_folder_per_seed_and_refuses_two(tmp_p
     with pytest.raises(ValueError, match="more than one model") as err:
         trained_models(tmp_path, "isnet-stochastic")
     assert str(again) in str(err.value) and str(s2) in str(err.value)
+
+
+def test_paired_tests_pooled_over_seeds_average_the_per_seed_differences():
+    """The study's seed-pooled paired test: one row per comparison and dataset, the mean of
+    the per-seed differences, on the same data as the per-seed rows (fabricated predictions:
+    nothing is trained)."""
+    from pipeline.study import EvalSet, Fold, Predictions, _paired_tests
+
+    rng = np.random.default_rng(0)
+    n, classes = 90, ["normal", "pneumonia", "covid"]
+    labels = np.arange(n) % 3
+    frame = pd.DataFrame({"patient_id": [f"p{i // 2}" for i in range(n)]})
+    fold = Fold("all", ("a",), frame, frame, (EvalSet("site-x", "external", frame),))
+    methods = [{"name": "standard"}, {"name": "isnet", "params": {"variant": "selective"}}]
+    cfg = StudyConfig.from_dict({**_study_def(), "methods": methods, "seeds": [0, 1, 2]})
+
+    def probs(signal: float) -> np.ndarray:
+        logits = rng.normal(size=(n, 3)) + signal * np.eye(3)[labels]
+        e = np.exp(logits)
+        return e / e.sum(1, keepdims=True)
+
+    preds = {
+        ("all", m, s, "site-x"): Predictions(probs(sig), labels, {}, [])
+        for s in (0, 1, 2)
+        for m, sig in (("standard", 0.5), ("isnet-selective", 1.5))
+    }
+    per_seed = _paired_tests(cfg, [fold], preds, classes)
+    pooled = _paired_tests(cfg, [fold], preds, classes, pooled=True)
+    assert list(per_seed["seed"]) == [0, 1, 2] and "seed" not in pooled.columns
+    (row,) = pooled.to_dict("records")
+    assert (row["isnet"], row["comparator"], row["n_seeds"]) == ("isnet-selective", "standard", 3)
+    assert row["difference"] == pytest.approx(per_seed["difference"].mean())
+    assert row["ci_low"] > 0  # a large, consistent difference
