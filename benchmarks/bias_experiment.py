@@ -39,7 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from classification.data import AUGMENT_POLICIES, build_dataset, build_loader  # noqa: E402
+from classification.data import (  # noqa: E402
+    AUGMENT_POLICIES,
+    GAMMA_SUFFIX,
+    build_dataset,
+    build_loader,
+)
 from classification.explain import explain  # noqa: E402
 from classification.methods import build_method  # noqa: E402
 from classification.metrics import relevance_metrics  # noqa: E402
@@ -362,8 +367,9 @@ def main() -> None:
     ap.add_argument(
         "--augment",
         default="auto",
-        choices=["auto", *AUGMENT_POLICIES],
-        help="augmentation policy (auto: the method's default, see classification.train)",
+        choices=["auto", *AUGMENT_POLICIES, *(p + GAMMA_SUFFIX for p in AUGMENT_POLICIES)],
+        help="augmentation policy (auto: the method's default, see classification.train); "
+        f"{GAMMA_SUFFIX} adds a random contrast gamma",
     )
     ap.add_argument("--no-augment", action="store_true", help="same as --augment none")
     ap.add_argument(

@@ -85,7 +85,7 @@ def make_cases(
 ) -> CaseSet:
     """Render (or load from ``out``) ``n_per_site`` films per site, classes alternating."""
     from segmentation.metrics import added_density
-    from synthetic import default_sites, image_seed, portable_site, write_dicom
+    from synthetic import blind_site, default_sites, image_seed, portable_site, write_dicom
 
     sites_tag = "+".join(site_names)
     folder = out / f"{source}_{size}px_d{difficulty:g}_seed{seed}_{sites_tag}_n{n_per_site}"
@@ -101,7 +101,7 @@ def make_cases(
         from synthetic.ct import fetch_ct
 
         ct_dir = str(fetch_ct(Settings.from_env()))
-    sites = [s for s in [*default_sites(), portable_site()] if s.name in site_names]
+    sites = [s for s in [*default_sites(), portable_site(), blind_site()] if s.name in site_names]
     t0 = time.perf_counter()
     rel, labels, masks, added = [], [], [], []
     for site in sites:
