@@ -57,12 +57,8 @@ def paired_table(paired: pd.DataFrame) -> pd.DataFrame:
         sd = d.std() if len(d) > 1 else float("nan")
         return f"{d.mean():+.3f} +- {sd:.3f} ({below} below 0, {above} above, of {len(d)})"
 
-    table = paired.groupby(["isnet", "dataset", "comparator"]).apply(cell, include_groups=False)
-    table = table.unstack("comparator")
-    order = [(i, d) for i in dict.fromkeys(paired["isnet"]) for d in DATASETS]
-    table = table.reindex([k for k in order if k in table.index])
-    table.index = [f"{i}, {d}" for i, d in table.index]
-    return table
+    cells = paired.groupby(["isnet", "dataset", "comparator"]).apply(cell, include_groups=False)
+    return _isnet_rows(cells, paired["isnet"])
 
 
 def pooled_table(pooled: pd.DataFrame) -> pd.DataFrame:
@@ -71,8 +67,15 @@ def pooled_table(pooled: pd.DataFrame) -> pd.DataFrame:
     cells = pooled.set_index(["isnet", "dataset", "comparator"]).apply(
         lambda r: f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", axis=1
     )
+    return _isnet_rows(cells, pooled["isnet"])
+
+
+def _isnet_rows(cells: pd.Series, isnets: pd.Series) -> pd.DataFrame:
+    """Cells indexed ``(isnet, dataset, comparator)`` as a table: one row per ISNet and
+    dataset (ISNets in order of appearance, datasets in :data:`DATASETS` order), one column per
+    comparator."""
     table = cells.unstack("comparator")
-    order = [(i, d) for i in dict.fromkeys(pooled["isnet"]) for d in DATASETS]
+    order = [(i, d) for i in dict.fromkeys(isnets) for d in DATASETS]
     table = table.reindex([k for k in order if k in table.index])
     table.index = [f"{i}, {d}" for i, d in table.index]
     return table

@@ -133,3 +133,26 @@ def test_site_shift_variants_keep_the_patients_and_change_one_setting() -> None:
     assert np.array_equal(cases["as is"].stored, own.stored)
     gamma = cases[f"gamma of {like.name}"]
     assert np.array_equal(gamma.mask, own.mask) and not np.array_equal(gamma.stored, own.stored)
+
+
+def test_seed_summary_tables_order_isnets_and_datasets_and_count_ci_sides():
+    """study_seed_summary's per-seed and pooled tables: one row per (ISNet, dataset) in the
+    study's order, one column per comparator; the per-seed cell counts CIs below/above 0."""
+    import pandas as pd
+    from study_seed_summary import paired_table, pooled_table
+
+    rows = [
+        {"isnet": "isnet", "dataset": d, "comparator": "standard", "seed": s,
+         "difference": 0.1 * sign, "ci_low": 0.05 * sign if s else -0.01, "ci_high": 0.2}
+        for d, sign in (("hospital-e", 1), ("hospital-c", 1)) for s in (0, 1, 2)
+    ]  # fmt: skip
+    per_seed = paired_table(pd.DataFrame(rows))
+    assert list(per_seed.index) == ["isnet, hospital-c", "isnet, hospital-e"]
+    assert per_seed.loc["isnet, hospital-e", "standard"] == (
+        "+0.100 +- 0.000 (0 below 0, 2 above, of 3)"
+    )
+    pooled = pd.DataFrame(
+        [{"isnet": "isnet", "dataset": "hospital-d", "comparator": "standard", "n_seeds": 3,
+          "difference": 0.0861, "ci_low": 0.0571, "ci_high": 0.1131}]
+    )  # fmt: skip
+    assert pooled_table(pooled).loc["isnet, hospital-d", "standard"] == "+0.086 [+0.057, +0.113]"
