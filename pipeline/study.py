@@ -316,6 +316,9 @@ def _config_problems(cfg: StudyConfig) -> list[str]:
     for key in ("n_per_site", "size", "bias_test_n"):
         if not _is_int(getattr(s, key)) or getattr(s, key) < 1:
             out.append(f"synthetic.{key} must be a positive integer, got {getattr(s, key)!r}")
+    for key in ("portable_site", "blind_site"):
+        if not isinstance(getattr(s, key), bool):
+            out.append(f"synthetic.{key} must be true or false, got {getattr(s, key)!r}")
     if not _is_int(s.seed):
         out.append(f"synthetic.seed must be an integer, got {s.seed!r}")
     if isinstance(s.difficulty, bool) or not isinstance(s.difficulty, (int, float)):

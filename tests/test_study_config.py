@@ -101,6 +101,7 @@ def test_config_types_are_checked():
         ),
         ({"synthetic": {"difficulty": 2}}, "synthetic.difficulty must be in [0, 1]"),
         ({"bias_sets": "yes"}, "bias_sets must be true or false"),
+        ({"synthetic": {"blind_site": "yes"}}, "synthetic.blind_site must be true or false"),
         (
             {"methods": [{"name": "isnet", "params": {"teacher": "stc"}}]},
             "teacher 'stc' must be the label of a segment_then_classify method",
